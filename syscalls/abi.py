@@ -1,0 +1,125 @@
+"""The syscall wire ABI: frame format, call names, error codes. Pure data and pure functions.
+
+Shared by the trusted kernel and the untrusted client, so it imports the standard library only
+and must stay importable by any Python 3.9+ the agent brings. The protocol is documented for
+agents in other languages in ``docs/syscalls.md``.
+
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON holding
+one object. Requests and responses alternate on the channel: one response per request, in order.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import struct
+from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct(">I")
+MAX_FRAME = 32 * 1024 * 1024
+"""Largest frame either side accepts (bytes of JSON after the 4-byte header)."""
+
+FD_ENV = "KERNEL_SYSCALL_FD"
+"""Environment variable holding the channel's file descriptor number in the agent."""
+WORKSPACE_ENV = "KERNEL_WORKSPACE"
+"""Environment variable holding the workspace root as the agent sees it."""
+RUN_ID_ENV = "KERNEL_RUN_ID"
+
+CALLS = ("write", "exec", "info")
+"""Every call the kernel answers (``spawn`` and ``wait`` are reserved for the spawn contract)."""
+
+WRITE_OPS = ("write", "create", "append", "delete", "mkdir", "rename", "chmod")
+"""``write`` creates or replaces; ``create`` fails if the path exists; ``delete`` removes a file,
+a symlink or an empty directory."""
+
+# Fields each call accepts; anything else is rejected (strict fields).
+CALL_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # call: (required, optional)
+    "write": (("op", "path"), ("content_b64", "mode", "dest", "parents", "justification")),
+    "exec": (("argv",), ("cwd", "stdin_b64", "justification")),
+    "info": ((), ()),
+}
+REQUEST_FIELDS = ("v", "id", "call", "args")
+
+# Decisions recorded for a request.
+ALLOWED = "allowed"
+DENIED = "denied"
+
+
+class FrameError(ValueError):
+    """A frame that cannot be decoded: the message says why."""
+
+
+def encode_frame(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    data = body.encode("utf-8")
+    if len(data) > MAX_FRAME:
+        raise FrameError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(data)) + data
+
+
+def _no_duplicates(pairs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise FrameError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise FrameError(f"non-finite number {name} is not JSON")
+
+
+def decode_body(data: bytes) -> dict[str, Any]:
+    """Decode one frame body strictly: UTF-8, one JSON object, no duplicate keys, no NaN."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FrameError(f"frame is not UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except FrameError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise FrameError(f"frame is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise FrameError(f"frame must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def request(call: str, args: dict[str, Any], req_id: int) -> dict[str, Any]:
+    return {"v": VERSION, "id": req_id, "call": call, "args": args}
+
+
+def error_name(code: int) -> str:
+    return _errno.errorcode.get(code, f"E{code}")
+
+
+def error_response(
+    req_id: int | None,
+    code: int,
+    reason: str,
+    *,
+    rule: str | None = None,
+    decision: str = DENIED,
+    seq: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "id": req_id,
+        "ok": False,
+        "error": {
+            "errno": code,
+            "code": error_name(code),
+            "reason": reason,
+            "rule": rule,
+            "decision": decision,
+            "seq": seq,
+        },
+    }
+
+
+def ok_response(req_id: int, result: dict[str, Any], *, seq: int | None = None) -> dict[str, Any]:
+    return {"v": VERSION, "id": req_id, "ok": True, "result": result, "seq": seq}
