@@ -249,3 +249,26 @@ def check_exec(req: ExecRequest, policy: Policy, usage: Usage, now_ns: int) -> D
                     f"the quota of {policy.quotas.exec_count} exec requests is spent",
                     errno.EDQUOT)
     return Decision(ALLOWED, rid, rule.reason or "allowlisted")
+
+
+class Grant:
+    """Proof that a request was allowed. Only :func:`grant` makes one (``perform`` needs it).
+
+    A handler's ``perform`` takes a Grant, so no code path can apply an effect without having
+    gone through a decision first (trio's NoPublicConstructor idea).
+    """
+
+    __slots__ = ("decision", "request")
+    _token = object()
+
+    def __init__(self, token: object, decision: Decision, request: object) -> None:
+        if token is not Grant._token:
+            raise TypeError("a Grant is made only by kernel.decide.grant()")
+        self.decision = decision
+        self.request = request
+
+
+def grant(decision: Decision, request: object) -> Grant:
+    if not decision.allowed:
+        raise ValueError(f"cannot grant a {decision.decision} request ({decision.rule})")
+    return Grant(Grant._token, decision, request)

@@ -113,6 +113,12 @@ class Sandboxed(Protocol):
 class Backend(Protocol):
     name: str
 
+    def agent_ids(self) -> tuple[int, int]:
+        """Host (uid, gid) that sandboxed processes run as and that must own anything they are
+        meant to write (the private copy an ``exec``'d command works in). Never 0 when the
+        kernel runs as root."""
+        ...
+
     def probe(self) -> Availability:
         """Can this backend give every guarantee here? Cheap, cached by the caller."""
         ...
