@@ -1,0 +1,80 @@
+"""One decision per request, recorded before the effect; the effect only with a Grant.
+
+The shared path of every workspace change, whether the agent asked for it (``write``) or an
+``exec``'d command made it in its private copy (a *captured* change):
+
+    prepare (validate, normalize, facts by fd)  ->  check (pure)  ->  record decision (durable)
+        ->  perform (needs a Grant)  ->  record result (durable)  ->  answer
+
+A denial is an answer, not an exception. A perform-time failure (ENOENT, EEXIST...) is a
+recorded result of an allowed request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kernel.context import RunContext
+from kernel.decide import Decision, WriteRequest, check_write, grant
+from syscalls import abi
+from syscalls import write as write_sys
+
+
+@dataclass
+class Outcome:
+    decision: Decision | None
+    result: dict[str, Any] | None = None
+    error: tuple[int, str, str | None, str] | None = None
+    """``(errno, reason, rule, decision)`` when the agent gets an error."""
+    seq: int | None = None
+    """Sequence number of the deciding (or result) record."""
+
+
+def record_decision(ctx: RunContext, decision: Decision, *, req: int | None,
+                    request_digest: str, now_ns: int, extra: dict[str, Any] | None = None
+                    ) -> int:
+    body: dict[str, Any] = {
+        "req": req, "request_digest": request_digest, **decision.as_record(),
+        "policy_digest": ctx.policy.digest, "now_ns": now_ns,
+    }
+    if extra:
+        body.update(extra)
+    return ctx.recorder.append("syscall.decision", body)
+
+
+def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision, *,
+                req: int | None, request_digest: str, now_ns: int,
+                extra: dict[str, Any] | None = None) -> Outcome:
+    """Decide, record and (if allowed) perform one prepared write."""
+    if isinstance(prepared, Decision):
+        decision, request, content = prepared, None, b""
+    else:
+        request, content = prepared
+        decision = check_write(request, ctx.policy, ctx.ledger.usage, now_ns)
+    dseq = record_decision(ctx, decision, req=req, request_digest=request_digest,
+                           now_ns=now_ns, extra=extra)
+    if not decision.allowed or request is None:
+        return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
+                                        abi.DENIED), seq=dseq)
+    try:
+        result = write_sys.perform(grant(decision, request), ctx.ws, content)
+    except OSError as e:
+        reason = f"{request.target.rel}: {e.strerror or e}"
+        rseq = ctx.recorder.append("syscall.result", {
+            "req": req, "request_digest": request_digest, "ok": False,
+            "errno": e.errno or 0, "reason": reason, **(extra or {})})
+        return Outcome(decision, error=(e.errno or 0, reason, decision.rule, abi.ALLOWED),
+                       seq=rseq)
+    ctx.ledger.debit(bytes_written=request.payload_bytes, files_written=1)
+    rseq = ctx.recorder.append("syscall.result", {
+        "req": req, "request_digest": request_digest, "ok": True, "result": result,
+        **(extra or {})})
+    return Outcome(decision, result=result, seq=rseq)
+
+
+def handle_write(ctx: RunContext, args: dict[str, Any], *, now_ns: int, request_digest: str,
+                 req: int) -> Outcome:
+    """The ``write`` syscall."""
+    prepared = write_sys.prepare(args, ctx.ws, ctx.policy)
+    return apply_write(ctx, prepared, req=req, request_digest=request_digest, now_ns=now_ns)
