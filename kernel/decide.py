@@ -86,6 +86,8 @@ class WriteRequest:
     mode: int | None = None
     captured: bool = False
     """True when the change was captured from an ``exec``'d command rather than asked for."""
+    parents: bool = False
+    """For ``mkdir``: also create missing parent directories."""
 
 
 @dataclass(frozen=True)
