@@ -20,11 +20,14 @@ status ``corrupt`` with the reason. Format: ``docs/runs-format.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,66 +287,36 @@ class _Verifier:
                                f"{end} (torn line in a sealed log)")
             self.warnings.append(f"{LOG_FILE}: torn last line ({tail} bytes at offset {end}) "
                                  "ignored: it was never acknowledged")
-        run_id = self.run_id
-        prev = ZERO_HEAD
-        refs: list[tuple[int, str, str]] = []
-        last_ts = ""
-        sha = hashlib.sha256
-        offset = 0
-        seq = 0
-        last_type: str | None = None
-        lines = data[:end].split(b"\n")
-        lines.pop()
-        for seq, line in enumerate(lines):
-            where = f"{LOG_FILE} seq {seq} (line {seq + 1}, byte offset {offset})"
-            try:
-                text = line.decode("utf-8")
-                ev = _loads(text)
-                if _dumps(ev) != text:
-                    raise ValueError("not in canonical form (re-serialization differs)")
-            except (ValueError, RecursionError) as e:
-                raise _Corrupt(f"{where}: {e}") from None
-            if type(ev) is not dict or ev.keys() != _EVENT_KEYS:
-                raise _Corrupt(f"{where}: not an event object with fields "
-                               f"{sorted(_EVENT_KEYS)}")
-            if ev["v"] != EVENT_VERSION or type(ev["v"]) is not int:
-                raise _Corrupt(f"{where}: unknown event version {ev['v']!r}")
-            if type(ev["seq"]) is not int or ev["seq"] != seq:
-                raise _Corrupt(f"{where}: seq is {ev['seq']!r}, expected {seq}")
-            if ev["run_id"] != run_id:
-                raise _Corrupt(f"{where}: run_id {ev['run_id']!r} is not this run's "
-                               f"({run_id!r})")
-            if ev["prev"] != prev:
-                raise _Corrupt(f"{where}: prev does not match the hash of the previous line "
-                               "(chain broken)")
-            ts = ev["ts"]
-            if type(ts) is not str or not _TS.fullmatch(ts):
-                raise _Corrupt(f"{where}: ts {ts!r} is not RFC 3339 UTC with microseconds")
-            if ts < last_ts:
-                self.warnings.append(f"{where}: ts goes backwards ({ts} < {last_ts})")
-            last_ts = ts
-            etype = ev["type"]
-            if type(etype) is not str or not etype:
-                raise _Corrupt(f"{where}: type must be a non-empty string")
-            if etype == "run.start" and seq != 0:
-                raise _Corrupt(f"{where}: run.start after the first event")
-            if last_type == "run.end":
-                raise _Corrupt(f"{where}: event after run.end")
-            if type(ev["body"]) is not dict:
-                raise _Corrupt(f"{where}: body must be an object")
-            if b"_blob" in line or b'"blobs"' in line:
-                try:
-                    for path, d in iter_blob_refs(ev["body"]):
-                        refs.append((seq, path, d))
-                except ValueError as e:
-                    raise _Corrupt(f"{where}: {e}") from None
-            last_type = etype
-            prev = sha(line).hexdigest()
-            offset += len(line) + 1
-        self.events = len(lines)
-        self.head = prev
-        self.last_type = last_type
-        self.refs = refs
+        assert self.run_id is not None
+        chunks = _scan_log(data, end, self.run_id)
+        error: tuple[int, int, str] | None = None
+        prev_chunk: _Chunk | None = None
+        for c in chunks:
+            if c.error is not None and (error is None or tuple(c.error[:2]) < error[:2]):
+                error = (c.error[0], c.error[1], c.error[2])
+            if c.count == 0:
+                continue
+            if prev_chunk is not None:
+                s = c.first_seq
+                where = f"{LOG_FILE} seq {s} (line {s + 1}, byte offset {c.first_offset})"
+                if c.first_prev is not None and c.first_prev != prev_chunk.last_hash:
+                    cand = (s, _R_PREV, f"{where}: {_CHAIN_MSG}")
+                    if error is None or cand[:2] < error[:2]:
+                        error = cand
+                if prev_chunk.last_type == "run.end":
+                    cand = (s, _R_AFTER_END, f"{where}: event after run.end")
+                    if error is None or cand[:2] < error[:2]:
+                        error = cand
+                if c.first_ts < prev_chunk.last_ts:
+                    self.warnings.append(f"{where}: ts goes backwards")
+            prev_chunk = c
+        if error is not None:
+            raise _Corrupt(error[2])
+        self.warnings.extend(w for c in chunks for w in c.warnings)
+        self.refs = [r for c in chunks for r in c.refs]
+        self.events = sum(c.count for c in chunks)
+        self.head = prev_chunk.last_hash if prev_chunk is not None else ZERO_HEAD
+        self.last_type = prev_chunk.last_type if prev_chunk is not None else None
 
     # ---- 5, 6. manifests, blobs, references ----
 
@@ -535,3 +508,191 @@ def verify_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey]) -> VerifyRepo
         return v.report(CORRUPT, str(e))
     except Exception as e:  # folder content must never crash the verifier
         return v.report(CORRUPT, f"unexpected error while verifying: {type(e).__name__}: {e}")
+
+
+# ---- the log scan: the hot loop, optionally split across processes ----
+
+_CHAIN_MSG = "prev does not match the hash of the previous line (chain broken)"
+# Check order inside one line; with (seq, rank) the first failure is the same however the log is
+# split into chunks.
+(_R_PARSE, _R_SHAPE, _R_V, _R_SEQ, _R_RUN_ID, _R_PREV, _R_TS, _R_TYPE, _R_START, _R_AFTER_END,
+ _R_BODY, _R_REFS) = range(12)
+_PARALLEL_MIN_BYTES = 4 << 20
+
+
+@dataclass
+class _Chunk:
+    first_seq: int
+    first_offset: int
+    count: int = 0
+    error: tuple[int, int, str] | None = None
+    first_prev: str | None = None  # prev of the first line, checked by the caller
+    last_hash: str = ZERO_HEAD
+    first_ts: str = ""
+    last_ts: str = ""
+    last_type: str | None = None
+    refs: list[tuple[int, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
+                prev: str | None) -> _Chunk:
+    """Check the lines in ``data[start:end]`` (whole lines). ``prev=None``: the first line's
+    ``prev`` is returned for the caller to check against the previous chunk."""
+    c = _Chunk(first_seq=first_seq, first_offset=start)
+    lines = data[start:end].split(b"\n")
+    lines.pop()
+    sha = hashlib.sha256
+    loads, dumps = _loads, _dumps
+    keys = _EVENT_KEYS
+    ts_ok = _TS.fullmatch
+    last_ts = ""
+    last_type: str | None = None
+    offset = start
+    seq = first_seq
+    for line in lines:
+        rank = _R_PARSE
+        try:
+            text = line.decode("utf-8")
+            ev = loads(text)
+            if dumps(ev) != text:
+                raise ValueError("not in canonical form (re-serialization differs)")
+            rank = _R_SHAPE
+            if type(ev) is not dict or ev.keys() != keys:
+                raise ValueError(f"not an event object with fields {sorted(keys)}")
+            rank = _R_V
+            if ev["v"] != EVENT_VERSION or type(ev["v"]) is not int:
+                raise ValueError(f"unknown event version {ev['v']!r}")
+            rank = _R_SEQ
+            if ev["seq"] != seq or type(ev["seq"]) is not int:
+                raise ValueError(f"seq is {ev['seq']!r}, expected {seq}")
+            rank = _R_RUN_ID
+            if ev["run_id"] != run_id:
+                raise ValueError(f"run_id {ev['run_id']!r} is not this run's ({run_id!r})")
+            rank = _R_PREV
+            if prev is None:
+                c.first_prev = ev["prev"]
+            elif ev["prev"] != prev:
+                raise ValueError(_CHAIN_MSG)
+            rank = _R_TS
+            ts = ev["ts"]
+            if type(ts) is not str or not ts_ok(ts):
+                raise ValueError(f"ts {ts!r} is not RFC 3339 UTC with microseconds")
+            if ts < last_ts:
+                c.warnings.append(f"{LOG_FILE} seq {seq}: ts goes backwards ({ts} < {last_ts})")
+            elif not last_ts:
+                c.first_ts = ts
+            last_ts = ts
+            rank = _R_TYPE
+            etype = ev["type"]
+            if type(etype) is not str or not etype:
+                raise ValueError("type must be a non-empty string")
+            rank = _R_START
+            if etype == "run.start" and seq != 0:
+                raise ValueError("run.start after the first event")
+            rank = _R_AFTER_END
+            if last_type == "run.end":
+                raise ValueError("event after run.end")
+            rank = _R_BODY
+            if type(ev["body"]) is not dict:
+                raise ValueError("body must be an object")
+            rank = _R_REFS
+            if b"_blob" in line or b'"blobs"' in line:
+                for path, d in iter_blob_refs(ev["body"]):
+                    c.refs.append((seq, path, d))
+        except (ValueError, RecursionError) as e:
+            where = f"{LOG_FILE} seq {seq} (line {seq + 1}, byte offset {offset})"
+            c.error = (seq, rank, f"{where}: {e}")
+            break
+        last_type = etype
+        prev = sha(line).hexdigest()
+        offset += len(line) + 1
+        seq += 1
+    c.count = seq - first_seq
+    c.last_hash = prev if prev is not None else ZERO_HEAD
+    c.last_ts = last_ts
+    c.last_type = last_type
+    return c
+
+
+def _split(data: bytes, end: int, parts: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first_seq)`` of ``parts`` chunks of whole lines."""
+    bounds = [0]
+    for i in range(1, parts):
+        cut = data.find(b"\n", end * i // parts, end)
+        if cut < 0 or cut + 1 <= bounds[-1]:
+            continue
+        bounds.append(cut + 1)
+    bounds.append(end)
+    out = []
+    seq = 0
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            out.append((a, b, seq))
+            seq += data.count(b"\n", a, b)
+    return out
+
+
+def _chunk_to_json(c: _Chunk) -> bytes:
+    return json.dumps(dataclasses.asdict(c)).encode()
+
+
+def _chunk_from_json(raw: bytes) -> _Chunk:
+    d = json.loads(raw)
+    c = _Chunk(**d)
+    c.error = (int(d["error"][0]), int(d["error"][1]), str(d["error"][2])) if d["error"] else None
+    c.refs = [(int(s), str(p), str(g)) for s, p, g in d["refs"]]
+    return c
+
+
+def _scan_log(data: bytes, end: int, run_id: str) -> list[_Chunk]:
+    """Scan the whole log; large logs are split across forked workers (one per CPU).
+
+    Workers are only used when this process has a single thread (fork is then safe); each
+    returns its result as JSON on a pipe. A worker that fails is redone in this process.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    parts = min(cpus, 8)
+    if end < _PARALLEL_MIN_BYTES or parts < 2 or threading.active_count() > 1:
+        return [_scan_chunk(data, 0, end, 0, run_id, ZERO_HEAD)]
+    pieces = _split(data, end, parts)
+    workers: list[tuple[int, int] | None] = []
+    for i, (a, b, s) in enumerate(pieces):
+        if i == 0:
+            workers.append(None)
+            continue
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: compute, write, exit without running any cleanup
+            code = 1
+            try:
+                os.close(r)
+                out = _chunk_to_json(_scan_chunk(data, a, b, s, run_id, None))
+                view = memoryview(out)
+                while view:
+                    view = view[os.write(w, view):]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        workers.append((pid, r))
+    results = [_scan_chunk(data, pieces[0][0], pieces[0][1], 0, run_id, ZERO_HEAD)]
+    for i, wk in enumerate(workers):
+        if wk is None:
+            continue
+        pid, r = wk
+        buf = bytearray()
+        with os.fdopen(r, "rb") as f:
+            buf += f.read()
+        _, status = os.waitpid(pid, 0)
+        try:
+            if status != 0:
+                raise ValueError("worker failed")
+            results.append(_chunk_from_json(bytes(buf)))
+        except (ValueError, TypeError, KeyError):
+            a, b, s = pieces[i]
+            results.append(_scan_chunk(data, a, b, s, run_id, None))
+    return results
