@@ -1,9 +1,10 @@
 """The client bundle: the only project code a sandbox can see.
 
 The untrusted client (``syscalls/abi.py``, ``syscalls/client.py``, ``syscalls/ksys.py``) is
-copied into a content-addressed directory under the kernel home, made read-only, and shown to
-the agent read-only; ``PYTHONPATH`` and ``PATH`` point at it. The trusted modules are never
-inside it, so the agent cannot even read the kernel's code path by accident.
+copied into a content-addressed directory (under the run's private scratch dir, which the
+unprivileged agent uid can traverse), made read-only, and shown to the agent read-only;
+``PYTHONPATH`` and ``PATH`` point at it. The trusted modules are never inside it, so the agent
+cannot even read the kernel's code path by accident.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ sys.exit(main())
 
 
 def ensure_bundle(home: Path) -> Path:
-    """Return the bundle directory (``<home>/client/<digest>``), creating it once."""
+    """Return the bundle directory (``<home>/client/<digest>``), creating it once.
+
+    ``home`` must be traversable by the agent uid (mode 0711 is set on it)."""
     src = Path(syscalls.__file__).resolve().parent
     files = {name: (src / name).read_bytes() for name in CLIENT_FILES}
     h = hashlib.sha256()

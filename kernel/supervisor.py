@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kernel import agentenv, bundle, dispatch, keys, manifest
-from kernel.canonical import digest_of
+from kernel.canonical import canonical_json, digest_of
 from kernel.context import RunContext
 from kernel.decide import check_quota_syscalls
 from kernel.errors import BadInputError, KernelError
@@ -40,7 +40,7 @@ from kernel.paths import Workspace
 from kernel.policy import Policy
 from kernel.recorder import RunRecorder
 from sandbox import registry
-from sandbox.base import SandboxSpec, Sandboxed, spec_summary
+from sandbox.base import Sandboxed, SandboxSpec, spec_summary
 from syscalls import abi
 from syscalls import exec as exec_sys
 from syscalls import info as info_sys
@@ -51,6 +51,8 @@ OUTPUT_CAP = 1 << 20
 FLOOD_GRACE = 64
 """Requests answered with a quota denial before a flooding agent is stopped."""
 TICK = 0.05
+INLINE_ARGS_MAX = 64 * 1024
+"""Request arguments larger than this (canonical JSON) are recorded as a blob."""
 
 
 @dataclass
@@ -198,7 +200,6 @@ class Supervisor:
         runs_dir = o.runs_dir.absolute()
         runs_dir.mkdir(parents=True, exist_ok=True)
         runs_dir = runs_dir.resolve()
-        bundle_dir = bundle.ensure_bundle(home)
         program = self._resolve_agent_program(o.argv[0], o.policy, workspace)
 
         hidden_abs = [runs_dir, home.resolve()]
@@ -226,14 +227,15 @@ class Supervisor:
                                  policy_raw=o.policy.raw, key=key, redact=env.redact)
         scratch = Path(tempfile.mkdtemp(prefix=f"agent-kernel-{run_id}-"))
         os.chmod(scratch, 0o711)  # noqa: S103 - the agent uid must traverse to its exec copy
+        bundle_dir = bundle.ensure_bundle(scratch)
         ws = Workspace.open(workspace, view_root=str(workspace), hidden=hidden_rel)
         try:
             self.ctx = RunContext(
                 run_id=run_id, policy=o.policy, workspace=workspace,
                 view_root=str(workspace), ws=ws, recorder=rec, backend=backend,
                 agent_env=dict(env.env), hidden_rel=hidden_rel,
-                hidden_abs=tuple(hidden_abs), read_paths=(bundle_dir,) + tuple(
-                    Path(p) for p in o.policy.sandbox.read_paths),
+                hidden_abs=tuple(hidden_abs),
+                read_paths=(bundle_dir, *(Path(p) for p in o.policy.sandbox.read_paths)),
                 scratch_dir=scratch,
             )
             self.ctx.agent_env["PYTHONPATH"] = str(bundle_dir / "lib")
@@ -557,6 +559,10 @@ def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any]
             out[f"{name}_bytes"] = len(data)
         else:
             out[k] = _jsonable(v)
+    if len(canonical_json(out)) > INLINE_ARGS_MAX:
+        # An agent controls the size of its arguments; big ones go to a blob, not the log line.
+        blobs["args_blob"] = ctx.recorder.put_blob(canonical_json(out))
+        out = {"inline": False}
     return out, blobs
 
 
