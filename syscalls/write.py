@@ -142,6 +142,10 @@ def _path_facts(raw: str, ws: Workspace, policy: Policy, op: str) -> PathFacts |
         rule, reason, code = rel
         return deny(rule, reason, code)
     facts = ws.facts(rel)
+    if facts.violation is None and op == "rename" and any(
+            h.startswith(rel + "/") for h in ws.hidden) and rel:
+        facts = dataclasses.replace(facts, violation=(
+            "path.hidden", f"{rel}: holds a path reserved for the kernel", errno.EACCES))
     if facts.violation is None and facts.kind == "symlink" and op in NO_SYMLINK_OPS:
         facts = dataclasses.replace(facts, violation=(
             "path.symlink", f"{rel}: is a symlink; the kernel never writes through one",
