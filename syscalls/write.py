@@ -77,7 +77,7 @@ _renameat2.restype = ctypes.c_int
 def renameat2(olddir: int, old: str, newdir: int, new: str, flags: int = 0) -> None:
     if _renameat2(olddir, os.fsencode(old), newdir, os.fsencode(new), flags) != 0:
         code = ctypes.get_errno()
-        raise OSError(code, f"{os.strerror(code)}: rename {old!r} -> {new!r}")
+        raise OSError(code, os.strerror(code))
 
 
 def _invalid(reason: str) -> Decision:
@@ -286,6 +286,8 @@ def _write_tmp(dirfd: int, content: bytes, mode: int, owner: tuple[int, int] | N
             if owner is not None:
                 os.fchown(fd, *owner)
             os.fchmod(fd, mode)
+            # Content, size, mode and owner reach the disk before the rename makes the file
+            # visible; the directory is fsync'ed after the rename.
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -427,10 +429,28 @@ def _chmod(dirfd: int, name: str, rel: str, mode: int) -> dict[str, Any]:
 
 
 def perform(g: Grant, ws: Workspace, content: bytes) -> dict[str, Any]:
-    """Apply a granted write request; raises ``OSError`` for failures found while applying."""
+    """Apply a granted write request; raises ``OSError`` for failures found while applying.
+
+    The error's ``strerror`` says what went wrong without repeating the path (the caller
+    prefixes it) and never names the kernel's temp files.
+    """
     req = g.request
     if not isinstance(req, WriteRequest):
         raise TypeError("perform() needs a Grant for a WriteRequest")
+    try:
+        return _perform(req, ws, content)
+    except OSError as e:
+        code = e.errno or errno.EIO
+        msg = str(e.strerror or os.strerror(code))
+        for rel in (req.target.rel, req.dest.rel if req.dest else None):
+            if rel and msg.startswith(rel + ": "):
+                msg = msg[len(rel) + 2:]
+        if isinstance(e, PathViolation):
+            raise PathViolation(e.rule, code, msg) from None
+        raise OSError(code, msg) from None
+
+
+def _perform(req: WriteRequest, ws: Workspace, content: bytes) -> dict[str, Any]:
     rel = req.target.rel
     if rel == "" or (req.dest is not None and req.dest.rel == ""):  # check_write refuses these
         raise OSError(errno.EPERM, "the workspace root itself cannot be changed")
