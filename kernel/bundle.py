@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import syscalls
+from syscalls import abi
 
 CLIENT_FILES = ("abi.py", "client.py", "ksys.py")
 KSYS_SCRIPT = """#!/usr/bin/env python3
@@ -30,7 +30,7 @@ def ensure_bundle(home: Path) -> Path:
     """Return the bundle directory (``<home>/client/<digest>``), creating it once.
 
     ``home`` must be traversable by the agent uid (mode 0711 is set on it)."""
-    src = Path(syscalls.__file__).resolve().parent
+    src = Path(abi.__file__).resolve().parent
     files = {name: (src / name).read_bytes() for name in CLIENT_FILES}
     h = hashlib.sha256()
     for name in sorted(files):
