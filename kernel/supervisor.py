@@ -409,12 +409,35 @@ class Supervisor:
                     break
                 if chan.closed and sb.poll() is not None:
                     break
+            while not chan.closed:
+                before = len(chan.inbuf)
+                chan.fill()
+                if len(chan.inbuf) == before:
+                    break
             if chan.inbuf:
-                self.ctx_append("channel.truncated", {
-                    "bytes": len(chan.inbuf),
-                    "detail": "the channel closed in the middle of a frame"})
+                self._record_leftover(chan.inbuf)
         finally:
             sel.close()
+
+    def _record_leftover(self, buf: bytearray) -> None:
+        """Bytes the agent sent that were never served: whole frames sent as it ended, or a
+        frame cut short. Recorded, never performed."""
+        complete = 0
+        pos = 0
+        while len(buf) - pos >= abi.HEADER.size:
+            (size,) = abi.HEADER.unpack_from(buf, pos)
+            if size > abi.MAX_FRAME or len(buf) - pos - abi.HEADER.size < size:
+                break
+            pos += abi.HEADER.size + size
+            complete += 1
+        if complete:
+            self.ctx_append("channel.unanswered", {
+                "frames": complete, "bytes": pos,
+                "detail": "requests sent as the agent ended; not performed"})
+        if len(buf) > pos:
+            self.ctx_append("channel.truncated", {
+                "bytes": len(buf) - pos,
+                "detail": "the channel closed in the middle of a frame"})
 
     def ctx_append(self, type_: str, body: dict[str, Any]) -> int:
         assert self.ctx is not None
