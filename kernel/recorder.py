@@ -477,8 +477,9 @@ class RunRecorder:
     def seal(self, status: str, summary: dict[str, Any]) -> str:
         """Sign the whole folder into SEAL.json, then make it read-only. Returns the seal digest.
 
-        The caller appends its own ``run.end`` event first; every stored blob must be referenced
-        by an event (or listed in a manifest), otherwise this raises before writing anything.
+        The caller appends its own ``run.end`` event first (this raises otherwise, before writing
+        anything). Blobs that no event references and no manifest lists are named in the seal's
+        ``unreferenced`` list (verify reports them as warnings).
         """
         if not isinstance(status, str) or not status:
             raise ValueError("seal status must be a non-empty string")
@@ -487,10 +488,9 @@ class RunRecorder:
             self._check_open()
             if self._last_type != "run.end":
                 raise ValueError("seal: the last event must be run.end (append it first)")
+            # Blobs stored but never referenced (e.g. staged for a request that then failed)
+            # are declared in the seal, so the verifier can tell them from smuggled ones.
             orphans = sorted(self._blobs - self._referenced - self._manifest_refs)
-            if orphans:
-                raise ValueError(f"seal: blobs stored but never referenced: {orphans}; reference "
-                                 "them from an event (e.g. a 'blobs' list in run.end)")
             assert self._fd is not None
             try:
                 os.fsync(self._fd)
@@ -500,7 +500,7 @@ class RunRecorder:
                 body = {"format": SEAL_FORMAT, "run_id": self.run_id, "status": status,
                         "summary": summary, "files": files, "dirs": dirs, "events": self._seq,
                         "head": self._head, "keyid": self._key.keyid,
-                        "sealed": utc_timestamp()}
+                        "sealed": utc_timestamp(), "unreferenced": orphans}
                 body_bytes = canonical_json(body)
                 sig = self._key.sign(SEAL_SIG_DOMAIN + body_bytes).hex()
                 seal_bytes = canonical_json({"body": body, "sig": sig})

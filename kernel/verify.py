@@ -358,11 +358,11 @@ class _Verifier:
                 raise _Corrupt(f"{LOG_FILE} seq {seq}: {path} references {d}, but "
                                f"{blob_relpath(d)} is missing")
             referenced.add(d)
-        for d in sorted(blobs - referenced - manifest_refs):
-            msg = f"{blob_relpath(d)}: blob not referenced by any event or manifest"
-            if sealed:
-                raise _Corrupt(msg)
-            self.warnings.append(msg + " (staged before a crash?)")
+        self.orphans = sorted(blobs - referenced - manifest_refs)
+        if not sealed:
+            for d in self.orphans:
+                self.warnings.append(f"{blob_relpath(d)}: blob not referenced by any event or "
+                                     "manifest (staged before a crash?)")
 
     # ---- 7. seal ----
 
@@ -417,6 +417,18 @@ class _Verifier:
             missing = sorted(set(body.get("dirs") or []) - set(self.dirs))
             raise _Corrupt(f"{SEAL_FILE}: directory list differs from the folder (added: "
                            f"{extra}, missing: {missing})")
+        declared = body.get("unreferenced")
+        if type(declared) is not list:
+            raise _Corrupt(f"{SEAL_FILE}: unreferenced must be a list")
+        for d in self.orphans:
+            if d not in declared:
+                raise _Corrupt(f"{blob_relpath(d)}: blob not referenced by any event or "
+                               f"manifest, nor declared unreferenced in {SEAL_FILE}")
+            self.warnings.append(f"{blob_relpath(d)}: stored but never referenced (declared in "
+                                 f"{SEAL_FILE})")
+        if sorted(declared) != self.orphans:
+            raise _Corrupt(f"{SEAL_FILE}: unreferenced lists blobs that are referenced: "
+                           f"{sorted(set(declared) - set(self.orphans))}")
         self.seal_status: str | None = body["status"]
 
     def modes(self) -> None:

@@ -298,7 +298,7 @@ def test_16_unreferenced_blob_added(run: Path, key: KernelKey) -> None:
     h = hashlib.sha256(data).hexdigest()
     (run / "objects/sha256" / h[:2]).mkdir(exist_ok=True)
     (run / "objects/sha256" / h[:2] / h[2:]).write_bytes(data)
-    check(run, key, f"objects/sha256/{h[:2]}/{h[2:]}", "not referenced")
+    check(run, key, f"objects/sha256/{h[:2]}/{h[2:]}", "not listed in SEAL.json")
 
 
 def test_16_unreferenced_blob_even_when_resealed(run: Path, key: KernelKey) -> None:
@@ -307,7 +307,14 @@ def test_16_unreferenced_blob_even_when_resealed(run: Path, key: KernelKey) -> N
     (run / "objects/sha256" / h[:2]).mkdir(exist_ok=True)
     (run / "objects/sha256" / h[:2] / h[2:]).write_bytes(data)
     reseal(run, key)
-    check(run, key, f"objects/sha256/{h[:2]}/{h[2:]}", "not referenced")
+    check(run, key, f"objects/sha256/{h[:2]}/{h[2:]}", "not referenced", "nor declared")
+
+
+def test_16_declared_unreferenced_list_cannot_hide_a_referenced_blob(run: Path, key: KernelKey
+                                                                     ) -> None:
+    used = "sha256:" + "".join(blob_paths(run)[0].parts[-2:])
+    reseal(run, key, lambda body: body.update(unreferenced=[used]))
+    check(run, key, "SEAL.json", "unreferenced")
 
 
 def test_17_symlink_planted_as_blob_dir(run: Path, key: KernelKey, tmp_path: Path) -> None:
