@@ -1,0 +1,665 @@
+"""The ``native`` isolation backend: namespaces, a fresh mount tree, Landlock, seccomp, rlimits
+and cgroups, built by this project from Linux primitives.
+
+The launch is a visible checklist, in the order of nsjail's ``containProc`` (see
+``docs``/isolation notes §6). The kernel process forks once (no new interpreter starts):
+
+**Stage A** (the *waiter*, a child of the kernel; the pid the kernel waits for)
+
+  A1. join the sandbox's cgroups                 (before anything of the agent can run)
+  A2. ``setsid``                                 (no controlling terminal: TIOCSTI needs one)
+  A3. ``PR_SET_PDEATHSIG(SIGKILL)``, check ppid  (the kernel dies -> the sandbox dies)
+  A4. default signal handlers, empty mask, RLIMIT_CORE=0
+  A5. stdin/stdout/stderr onto 0/1/2, close every other fd but ``pass_fds``
+  A6. switch to the dedicated agent uid/gid      (when root; never uid 0 for the agent)
+  A7. new user namespace mapping only that uid/gid (setgroups denied), then new mount, pid,
+      net, ipc, uts and cgroup namespaces
+  A8. fork stage B (pid 1 of the new pid namespace); then only wait for it and mirror its
+      exit status (A never runs agent code, and closes every descriptor of the agent)
+
+**Stage B** (pid 1 in the sandbox: becomes the agent by ``execve``)
+
+  B1. ``PR_SET_PDEATHSIG(SIGKILL)``, check that A still lives
+  B2. build the mount tree from scratch, ``pivot_root`` into it, detach the host's
+  B3. hostname ``sandbox``; close the descriptors used to build the tree
+  B4. rlimits: CPU, NOFILE, NPROC, FSIZE, CORE=0 (AS only without a memory cgroup)
+  B5. drop every capability (bounding, ambient, effective/permitted/inheritable)
+  B6. ``PR_SET_NO_NEW_PRIVS``
+  B7. Landlock (read+execute everywhere in the view, write in scratch [and workspace])
+  B8. ``chdir(spec.cwd)``
+  B9. seccomp filter (precompiled BPF, loaded raw; default signal dispositions first)
+  B10. ``execve(argv, env=spec.env)``: nothing else of the kernel's environment goes along
+
+A failing step in A or B is written (step, errno) to a close-on-exec pipe and the process
+exits 127 before anything of the agent ran; the parent raises :class:`SandboxError` with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gc
+import os
+import platform
+import resource
+import select
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from kernel.errors import SandboxError
+from sandbox import cgroups, landlock, mounts, seccomp_filter
+from sandbox.base import Availability, SandboxSpec
+
+try:  # everything the child uses is imported here: after pivot_root nothing else can be
+    import prctl
+except ImportError:  # pragma: no cover - reported by probe()
+    prctl = None
+
+AGENT_UID = 64000
+"""Host uid the agent runs as when the kernel is root (override: ``KERNEL_AGENT_UID``)."""
+AGENT_GID = 64000
+"""Host gid, likewise (override: ``KERNEL_AGENT_GID``)."""
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+NAMESPACES = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup")
+
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+SETUP_TIMEOUT_S = 10.0
+MIB = 1024 * 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32))
+
+
+class _StepError(Exception):
+    def __init__(self, step: str, err: int, detail: str = "") -> None:
+        super().__init__(step)
+        self.step = step
+        self.err = err
+        self.detail = detail
+
+
+@contextlib.contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Name the checklist step that is running, for the report to the parent on failure."""
+    try:
+        yield
+    except _StepError:
+        raise
+    except mounts.MountError as e:
+        raise _StepError(f"{name}: {e.step}", e.errno or errno.EIO) from None
+    except OSError as e:
+        raise _StepError(name, e.errno or errno.EIO, str(e)) from None
+    except Exception as e:
+        raise _StepError(name, errno.EINVAL, repr(e)) from None
+
+
+def _ids() -> tuple[int, int]:
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    return (int(os.environ.get("KERNEL_AGENT_UID", AGENT_UID)),
+            int(os.environ.get("KERNEL_AGENT_GID", AGENT_GID)))
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(ctypes.c_int(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+@cache
+def _cap_last() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 63
+
+
+@cache
+def _probe_userns() -> str:
+    """'' if a user namespace (with the other namespaces) can be created here, else why not."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            if os.geteuid() == 0:
+                uid, gid = _ids()
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            _unshare(CLONE_NEWUSER)
+            _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+            os._exit(0)
+        except OSError as e:
+            os._exit(min(e.errno or 1, 120))
+        finally:
+            os._exit(121)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return ""
+    return f"cannot create user/mount/pid/net namespaces: {os.strerror(code)}"
+
+
+@dataclass
+class _Launch:
+    """Everything the child needs, prepared in the parent (the child allocates little)."""
+
+    spec: SandboxSpec
+    uid: int
+    gid: int
+    as_root: bool
+    kernel_pid: int
+    mount_plan: mounts.Plan
+    ll_plan: landlock.Plan
+    seccomp: seccomp_filter.Loader
+    group: cgroups.Group | None
+    rlimits: list[tuple[int, int, int]]
+    devnull: int
+    err_w: int
+    report_w: int
+
+
+def _report(fd: int, e: _StepError) -> None:
+    msg = f"error\t{e.step}\t{e.err}\t{e.detail}\n".encode(errors="replace")
+    with contextlib.suppress(OSError):
+        os.write(fd, msg)
+
+
+def _stage_a(L: _Launch) -> None:
+    """The waiter. Runs in the fresh child of the kernel; never returns."""
+    spec = L.spec
+    _cap_last()  # read now: after pivot_root there is no /proc/sys
+    with _step("A1 join cgroups"):
+        if L.group is not None:
+            L.group.join_self()
+            L.group.close_fds()
+    with _step("A2 setsid"):
+        os.setsid()
+    with _step("A3 parent-death signal"):
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != L.kernel_pid:
+            raise _StepError("A3 parent-death signal", errno.ESRCH, "the kernel already exited")
+    with _step("A4 signals"):
+        for sig in signal.valid_signals():
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with _step("A5 descriptors"):
+        sources = [spec.stdin, spec.stdout, spec.stderr]
+        tmp = [os.dup(L.devnull if s is None else s) for s in sources]  # dups are CLOEXEC
+        for i, t in enumerate(tmp):
+            os.dup2(t, i, inheritable=True)
+        keep = {0, 1, 2, L.err_w, L.report_w, *spec.pass_fds, *L.mount_plan.fds}
+        _close_all_but(keep)
+        for fd in spec.pass_fds:
+            os.set_inheritable(fd, True)
+    if L.as_root:
+        with _step("A6 agent uid/gid"):
+            os.setgroups([])
+            os.setresgid(L.gid, L.gid, L.gid)
+            os.setresuid(L.uid, L.uid, L.uid)
+            prctl.set_dumpable(1)  # else /proc/self/uid_map stays root's
+            prctl.set_pdeathsig(signal.SIGKILL)  # a uid change clears it
+            if os.getppid() != L.kernel_pid:
+                raise _StepError("A6 agent uid/gid", errno.ESRCH, "the kernel already exited")
+    with _step("A7 namespaces"):
+        _unshare(CLONE_NEWUSER)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{L.uid} {L.uid} 1\n")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{L.gid} {L.gid} 1\n")
+        _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+                 | CLONE_NEWCGROUP)
+    with _step("A8 fork the sandbox init"):
+        life_r, life_w = os.pipe()
+        child = os.fork()
+    if child == 0:
+        os.close(life_w)
+        os.close(L.report_w)
+        try:
+            _stage_b(L, life_r)
+        except _StepError as e:
+            _report(L.err_w, e)
+        except BaseException as e:  # pragma: no cover - a bug in the checklist itself
+            _report(L.err_w, _StepError("B", errno.EINVAL, repr(e)))
+        os._exit(127)
+    # A from here on: keep only the report pipe and the life pipe; wait; mirror.
+    os.write(L.report_w, f"pid\t{child}\n".encode())
+    _close_all_but({L.report_w, life_w})
+    while True:
+        try:
+            _, status, ru = os.wait4(child, 0)
+            break
+        except ChildProcessError:  # pragma: no cover
+            os._exit(126)
+    cpu_ms = int((ru.ru_utime + ru.ru_stime) * 1000)
+    with contextlib.suppress(OSError):
+        os.write(L.report_w, f"exit\t{status}\t{cpu_ms}\n".encode())
+    if os.WIFSIGNALED(status):
+        termsig = os.WTERMSIG(status)
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(termsig, signal.SIG_DFL)
+            os.kill(os.getpid(), termsig)
+        os._exit(128 + termsig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """close_range over the gaps between the descriptors to keep."""
+    lo = 0
+    for k in sorted(keep):
+        if k > lo:
+            os.closerange(lo, k)
+        lo = max(lo, k + 1)
+    os.closerange(lo, 1 << 20)
+
+
+def _stage_b(L: _Launch, life_r: int) -> None:
+    """pid 1 of the sandbox. Builds the rest of the cage, then becomes the agent."""
+    spec = L.spec
+    with _step("B1 parent-death signal"):
+        prctl.set_pdeathsig(signal.SIGKILL)
+        readable, _, _ = select.select([life_r], [], [], 0)
+        if readable:  # EOF: the waiter (and so the kernel's child) is gone
+            raise _StepError("B1 parent-death signal", errno.ESRCH, "the waiter exited")
+        os.close(life_r)
+    with _step("B2 mount tree"):
+        proc_status = mounts.build(L.mount_plan)
+        os.write(L.err_w, f"note\tproc\t{proc_status}\n".encode())
+    with _step("B3 hostname and descriptors"):
+        socket.sethostname("sandbox")
+        _close_all_but({0, 1, 2, L.err_w, *spec.pass_fds})
+    with _step("B4 rlimits"):
+        for res, soft, hard in L.rlimits:
+            resource.setrlimit(res, (soft, hard))
+    with _step("B5 drop capabilities"):
+        # python-prctl knows only the capabilities of its build; drop every one the running
+        # kernel has (cap_last_cap) through prctl(2) itself.
+        for cap in range(_cap_last() + 1):
+            _prctl(PR_CAPBSET_DROP, cap, "PR_CAPBSET_DROP")
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
+        hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        if _libc.capset(ctypes.byref(hdr), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    with _step("B6 no_new_privs"):
+        prctl.set_no_new_privs(1)
+    with _step("B7 landlock"):
+        landlock.apply(L.ll_plan)
+    with _step("B8 cwd"):
+        os.chdir(spec.cwd)
+    with _step("B9 seccomp"):
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU):
+            signal.signal(sig, signal.SIG_DFL)  # ignored dispositions would survive execve
+        L.seccomp.load()
+    with _step("B10 execve"):
+        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))  # noqa: S606 (no shell)
+
+
+class NativeSandboxed:
+    """One running native sandbox, seen from the kernel."""
+
+    def __init__(self, pid: int, init_pid: int, enforced: dict[str, Any],
+                 group: cgroups.Group | None, report_r: int, cpu_seconds: int) -> None:
+        self.pid = pid
+        self.init_pid = init_pid
+        self.enforced = enforced
+        self._group = group
+        self._report_r = report_r
+        self._cpu_seconds = cpu_seconds
+        self._status: int | None = None
+        self._cpu_ms: int | None = None
+        self._killed = False
+        self._pidfd = os.pidfd_open(pid)
+        self._init_pidfd: int | None = None
+        with contextlib.suppress(OSError):
+            self._init_pidfd = os.pidfd_open(init_pid)
+            # The init may already have ended and its pid been reused: trust the pidfd only
+            # if the init still has the waiter as its parent.
+            with open(f"/proc/{init_pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != pid:
+                os.close(self._init_pidfd)
+                self._init_pidfd = None
+
+    def _reaped(self, status: int) -> int:
+        self._status = os.waitstatus_to_exitcode(status)
+        self._read_report()
+        for fd in (self._pidfd, self._init_pidfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._init_pidfd = None
+        return self._status
+
+    def _read_report(self) -> None:
+        data = b""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self._report_r, False)
+            while chunk := os.read(self._report_r, 4096):
+                data += chunk
+        for line in data.decode(errors="replace").splitlines():
+            parts = line.split("\t")
+            if parts[0] == "exit" and len(parts) == 3:
+                self._cpu_ms = int(parts[2])
+        with contextlib.suppress(OSError):
+            os.close(self._report_r)
+
+    def poll(self) -> int | None:
+        if self._status is not None:
+            return self._status
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return self._status
+        if pid == 0:
+            return None
+        return self._reaped(status)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._status is not None:
+            return self._status
+        if timeout is None:
+            _, status = os.waitpid(self.pid, 0)
+            return self._reaped(status)
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return self.poll()
+            select.select([self._pidfd], [], [], left)
+            st = self.poll()
+            if st is not None:
+                return st
+
+    def breach(self) -> str | None:
+        if self._group is not None:
+            cause = self._group.breach()
+            if cause:
+                return cause
+        st = self._status
+        if st == -signal.SIGXCPU:
+            return "cpu_seconds"
+        if st == -signal.SIGXFSZ:
+            return "file_size"
+        if (st == -signal.SIGKILL and not self._killed and self._cpu_ms is not None
+                and self._cpu_ms >= self._cpu_seconds * 1000):
+            return "cpu_seconds"  # the hard RLIMIT_CPU after an ignored SIGXCPU
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL the pid-namespace init (the kernel then kills everything in the namespace),
+        the waiter, and every process in the cgroups; wait until the init is gone."""
+        self._killed = True
+        if self._init_pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+        if self._status is None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self._group is not None:
+            self._group.kill()
+        if self._init_pidfd is not None:
+            # Readable once the init has exited, which happens only after every process in
+            # its namespace is gone.
+            select.select([self._init_pidfd], [], [], 5.0)
+
+    def cleanup(self) -> None:
+        if self._status is None:
+            if self.poll() is None:
+                self.kill()
+                self.wait(5.0)
+        if self._group is not None:
+            self._group.kill()
+            self._group.remove()
+
+
+class NativeBackend:
+    """Namespaces + fresh mount tree + Landlock + seccomp + rlimits + cgroups."""
+
+    name = "native"
+
+    def agent_ids(self) -> tuple[int, int]:
+        return _ids()
+
+    @cache  # noqa: B019 - one backend object per process (registry), probing once is the point
+    def probe(self) -> Availability:
+        missing: list[str] = []
+        facts: dict[str, Any] = {"kernel_release": platform.release()}
+        abi = landlock.abi_version()
+        facts["landlock_abi"] = abi
+        if abi < 1:
+            missing.append("Landlock is not available (kernel without it, or disabled at boot)")
+        try:
+            with open("/proc/self/status") as f:
+                if "Seccomp:" not in f.read():
+                    missing.append("the kernel has no seccomp support")
+        except OSError:
+            missing.append("/proc/self/status unreadable: cannot check seccomp")
+        facts["cap_last_cap"] = _cap_last()
+        try:
+            facts["seccomp_digest"] = seccomp_filter.digest()
+        except Exception as e:
+            missing.append(f"pyseccomp/libseccomp unusable: {e}")
+        if prctl is None:
+            missing.append("python-prctl is not importable")
+        uid, gid = _ids()
+        if os.geteuid() == 0 and (uid == 0 or gid == 0):
+            missing.append("KERNEL_AGENT_UID/KERNEL_AGENT_GID must not be 0")
+        else:
+            why = _probe_userns()
+            if why:
+                missing.append(why)
+        facts["agent_uid"], facts["agent_gid"] = uid, gid
+        facts["cgroup_mode"], facts["cgroup"] = cgroups.mode()
+        if os.geteuid() != 0:
+            facts["cgroup"] = "not used: the kernel is not root (rlimits only)"
+        return Availability(available=not missing, missing=missing, facts=facts)
+
+    def start(self, spec: SandboxSpec) -> NativeSandboxed:
+        av = self.probe()
+        if not av.available:
+            raise SandboxError("native sandbox unavailable: " + "; ".join(av.missing))
+        if not spec.argv or not spec.argv[0].startswith("/"):
+            raise SandboxError("argv[0] must be an absolute path", hint="the kernel resolves it")
+        uid, gid = _ids()
+        as_root = os.geteuid() == 0
+        lim = spec.limits
+        memory_bytes = lim.memory_mb * MIB
+
+        group, why_no_cgroup = cgroups.create(memory_bytes, lim.processes + 1)
+        try:
+            plan = mounts.plan(
+                workspace=spec.workspace, workspace_view=spec.workspace_view,
+                workspace_writable=spec.workspace_writable, read_paths=spec.read_paths,
+                hidden=spec.hidden, scratch_bytes=spec.scratch_bytes, uid=uid, gid=gid,
+                clone=as_root)
+        except OSError as e:
+            if group is not None:
+                group.remove()
+            raise SandboxError(f"cannot prepare the sandbox view: {e}") from None
+
+        rl = [
+            (resource.RLIMIT_CPU, lim.cpu_seconds, lim.cpu_seconds + 1),
+            (resource.RLIMIT_NOFILE, lim.open_files, lim.open_files),
+            (resource.RLIMIT_NPROC, lim.processes, lim.processes),
+            (resource.RLIMIT_FSIZE, lim.file_size_mb * MIB, lim.file_size_mb * MIB),
+            (resource.RLIMIT_CORE, 0, 0),
+        ]
+        has_mem_cgroup = group is not None and ("memory" in group.dirs or group.version == "v2")
+        if not has_mem_cgroup:
+            rl.append((resource.RLIMIT_AS, memory_bytes, memory_bytes))
+        writable = ["/tmp"]  # noqa: S108 (the sandbox's own scratch tmpfs)
+        if spec.workspace_writable:
+            writable.append(str(spec.workspace_view))
+        ll = landlock.plan(landlock.abi_version(), writable_dirs=writable,
+                           writable_devices=list(mounts.WRITABLE_DEVICES))
+        loader = seccomp_filter.loader()
+
+        err_r, err_w = os.pipe()
+        report_r, report_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        launch = _Launch(spec, uid, gid, as_root, os.getpid(), plan, ll, loader, group, rl,
+                         devnull, err_w, report_w)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # no finalizer of the kernel's objects may run in the child
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, reported through err_w
+                try:
+                    _stage_a(launch)
+                except _StepError as e:
+                    _report(err_w, e)
+                except BaseException as e:
+                    _report(err_w, _StepError("A", errno.EINVAL, repr(e)))
+                os._exit(127)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        for fd in (err_w, report_w, devnull):
+            os.close(fd)
+        plan.close()
+        if group is not None:
+            group.close_fds()
+
+        notes, errors = _read_setup(err_r)
+        init_pid = _read_init_pid(report_r)
+        if errors or init_pid is None:
+            _abort(pid, init_pid, group)
+            os.close(report_r)
+            detail = errors[0] if errors else "the sandbox child exited before starting"
+            raise SandboxError(f"native sandbox setup failed: {detail}",
+                               hint="nothing of the agent ran")
+
+        enforced: dict[str, Any] = {
+            "backend": "native",
+            "kernel_release": platform.release(),
+            "landlock_abi": ll.abi,
+            "landlock": ll.summary(),
+            "seccomp_digest": seccomp_filter.digest(),
+            "seccomp_bpf_instructions": len(seccomp_filter.program()) // 8,
+            "namespaces": list(NAMESPACES),
+            "uid": uid,
+            "gid": gid,
+            "no_new_privs": True,
+            "capabilities": "all dropped (bounding, ambient, effective, permitted, inheritable)",
+            "limits": {
+                "cpu_seconds": lim.cpu_seconds,
+                "open_files": lim.open_files,
+                "processes": lim.processes,
+                "file_size_bytes": lim.file_size_mb * MIB,
+                "core_bytes": 0,
+                "address_space_bytes": memory_bytes if not has_mem_cgroup else "not set: "
+                "memory cgroup in use",
+                "memory_bytes": memory_bytes,
+                "scratch_bytes": spec.scratch_bytes,
+                "wall_seconds": "enforced by the kernel",
+            },
+            "cgroup": group.summary() if group is not None else {"mode": "none",
+                                                                  "why": why_no_cgroup},
+            "proc": notes.get("proc", "unknown"),
+            "mounts": {"method": plan.method, "visible": plan.visible, "hidden": plan.hidden,
+                       "scratch": "/tmp",  # noqa: S108 (inside the sandbox)
+                       "workspace_view": str(spec.workspace_view),
+                       "workspace_writable": spec.workspace_writable},
+            "init_pid": init_pid,
+        }
+        return NativeSandboxed(pid, init_pid, enforced, group, report_r, lim.cpu_seconds)
+
+
+def _read_setup(err_r: int) -> tuple[dict[str, str], list[str]]:
+    """Read the setup pipe to EOF (EOF = the init exec'd or everything exited)."""
+    data = b""
+    end = time.monotonic() + SETUP_TIMEOUT_S
+    try:
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return {}, ["sandbox setup timed out"]
+            r, _, _ = select.select([err_r], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(err_r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(err_r)
+    notes: dict[str, str] = {}
+    errors: list[str] = []
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.split("\t")
+        if parts[0] == "note" and len(parts) == 3:
+            notes[parts[1]] = parts[2]
+        elif parts[0] == "error" and len(parts) == 4:
+            err = int(parts[2]) if parts[2].isdigit() else 0
+            errors.append(f"step {parts[1]}: {os.strerror(err)}"
+                          + (f" ({parts[3]})" if parts[3] else ""))
+    return notes, errors
+
+
+def _read_init_pid(report_r: int) -> int | None:
+    """The waiter writes the init's host pid first; read just that line."""
+    buf = b""
+    end = time.monotonic() + SETUP_TIMEOUT_S
+    while b"\n" not in buf and time.monotonic() < end:
+        r, _, _ = select.select([report_r], [], [], max(0.0, end - time.monotonic()))
+        if not r:
+            break
+        chunk = os.read(report_r, 1)
+        if not chunk:
+            break
+        buf += chunk
+    parts = buf.decode(errors="replace").strip().split("\t")
+    if len(parts) == 2 and parts[0] == "pid" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _abort(pid: int, init_pid: int | None, group: cgroups.Group | None) -> None:
+    if init_pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(init_pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    if group is not None:
+        group.kill()
+        group.remove()
