@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel.canonical import canonical_json, sha256_digest
-from kernel.errors import BadInputError, KernelError
+from kernel.errors import BadInputError, KernelError, RunIntegrityError
 from kernel.keys import KernelKey
 
 # ---- format constants (shared with kernel/verify.py; documented in docs/runs-format.md) ----
@@ -82,6 +82,11 @@ def utc_timestamp(ns: int | None = None) -> str:
     ns = time.time_ns() if ns is None else ns
     t = _dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=_dt.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(ns // 1000) % 1_000_000:06d}Z"
+
+
+def _parse_ts_ns(ts: str) -> int:
+    t = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
+    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
 def is_blob_key(key: str) -> bool:
@@ -348,6 +353,59 @@ class RunRecorder:
             raise
         return cls(run_dir, run_id, key, redactor, policy_digest, fd)
 
+    @classmethod
+    def resume(cls, run_dir: Path, *, key: KernelKey, redact: Sequence[str] = ()) -> RunRecorder:
+        """Reopen an unsealed run (the kernel died) so it can be ended and sealed.
+
+        The folder must verify as ``incomplete`` under ``key``. A torn last line (never
+        acknowledged: ``append`` had not returned) is kept as evidence in a blob, cut from the
+        log, and recorded as a ``log.torn_tail`` event ``{torn_tail_blob, offset, length}``.
+        The caller then appends ``run.end`` (unless the log already ends with it) and seals.
+        """
+        from kernel.verify import verify_run  # the verifier imports this module
+
+        run_dir = Path(run_dir)
+        report = verify_run(run_dir, [key.public])
+        if report.status != "incomplete":
+            why = "already sealed" if report.status == "intact" else report.problem
+            raise RunIntegrityError(f"cannot resume {run_dir}: {why}")
+        hdr = json.loads((run_dir / RUN_JSON).read_bytes())
+        log_path = run_dir / LOG_FILE
+        data = log_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        rec = cls(run_dir, hdr["run_id"], key, Redactor(redact), hdr["policy_digest"], fd)
+        rec._seq = len(lines)
+        if lines:
+            rec._head = hashlib.sha256(lines[-1]).hexdigest()
+            last = json.loads(lines[-1])
+            rec._last_type = last["type"]
+            rec._last_ns = _parse_ts_ns(last["ts"])
+        for line in lines:
+            rec._referenced.update(d for _, d in iter_blob_refs(json.loads(line)["body"]))
+        objects = run_dir / OBJECTS_DIR
+        for shard in sorted(objects.iterdir()) if objects.is_dir() else []:
+            for blob in sorted(shard.iterdir()):
+                if not blob.name.startswith("."):
+                    rec._blobs.add(f"sha256:{shard.name}{blob.name}")
+        for which, rel in MANIFESTS.items():
+            if (run_dir / rel).is_file():
+                mdata = (run_dir / rel).read_bytes()
+                rec._manifests[which] = sha256_digest(mdata)
+                rec._manifest_refs.update(iter_digests(json.loads(mdata)))
+        if end != len(data):
+            torn = data[end:]
+            digest = rec.put_blob(torn)
+            try:
+                os.truncate(log_path, end)
+                os.fsync(fd)
+            except OSError as e:
+                raise rec._fail("cutting the torn tail", e) from e
+            rec.append("log.torn_tail", {"torn_tail_blob": digest, "offset": end,
+                                         "length": len(torn)})
+        return rec
+
     # ---- state ----
 
     def _check_open(self) -> None:
@@ -366,6 +424,10 @@ class RunRecorder:
 
     def events(self) -> int:
         return self._seq
+
+    def last_type(self) -> str | None:
+        """Type of the last event appended (None before the first)."""
+        return self._last_type
 
     # ---- blobs ----
 

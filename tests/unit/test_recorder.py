@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kernel.canonical import canonical_json, sha256_digest
-from kernel.errors import BadInputError, NotFoundError
+from kernel.errors import BadInputError, NotFoundError, RunIntegrityError
 from kernel.keys import KernelKey
 from kernel.recorder import RecorderError, RunRecorder, utc_timestamp
 from kernel.verify import _scan_chunk, _scan_log, verify_run
@@ -281,6 +281,48 @@ def test_concurrent_appends_stay_contiguous(tmp_path: Path, key: KernelKey) -> N
     rec.seal("done", {})
     rep = verify_run(rec.run_dir, [key.public])
     assert rep.status == "intact" and rep.events == 82
+
+
+def test_resume_keeps_torn_tail_as_evidence_and_seals(tmp_path: Path, key: KernelKey) -> None:
+    rec = new(tmp_path, key)
+    rec.append("run.start", {})
+    rec.append("x", {"out_blob": rec.put_blob(b"out")})
+    rec.close()
+    torn = b'{"body":{"half'
+    with open(rec.run_dir / "log" / "events.jsonl", "ab") as f:
+        f.write(torn)
+    again = RunRecorder.resume(rec.run_dir, key=key)
+    assert again.events() == 3 and again.last_type() == "log.torn_tail"
+    again.append("run.end", {"status": "aborted"})
+    again.seal("aborted", {"reason": "kernel died"})
+    rep = verify_run(rec.run_dir, [key.public])
+    assert rep.status == "intact" and rep.seal_status == "aborted" and rep.events == 4
+    ev = json.loads((rec.run_dir / "log" / "events.jsonl").read_bytes().split(b"\n")[2])
+    assert ev["body"]["length"] == len(torn)
+    h = ev["body"]["torn_tail_blob"][7:]
+    assert (rec.run_dir / "objects" / "sha256" / h[:2] / h[2:]).read_bytes() == torn
+
+
+def test_resume_after_run_end_seals_directly(tmp_path: Path, key: KernelKey) -> None:
+    rec = new(tmp_path, key)
+    rec.append("run.end", {})
+    rec.close()
+    again = RunRecorder.resume(rec.run_dir, key=key)
+    again.seal("aborted", {})
+    assert verify_run(rec.run_dir, [key.public]).status == "intact"
+
+
+def test_resume_refuses_sealed_and_corrupt_runs(tmp_path: Path, key: KernelKey) -> None:
+    rec = full_run(tmp_path, key)
+    rec.seal("passed", {})
+    with pytest.raises(RunIntegrityError, match="already sealed"):
+        RunRecorder.resume(rec.run_dir, key=key)
+    bad = new(tmp_path, key, run_id="bad")
+    bad.append("a", {})
+    bad.close()
+    (bad.run_dir / "policy.toml").write_bytes(b"edited")
+    with pytest.raises(RunIntegrityError, match="policy"):
+        RunRecorder.resume(bad.run_dir, key=key)
 
 
 def test_timestamp_format() -> None:
