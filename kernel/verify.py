@@ -671,40 +671,47 @@ def _scan_log(data: bytes, end: int, run_id: str) -> list[_Chunk]:
     if end < _PARALLEL_MIN_BYTES or parts < 2 or threading.active_count() > 1:
         return [_scan_chunk(data, 0, end, 0, run_id, ZERO_HEAD)]
     pieces = _split(data, end, parts)
-    workers: list[tuple[int, int] | None] = []
-    for i, (a, b, s) in enumerate(pieces):
-        if i == 0:
-            workers.append(None)
-            continue
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: compute, write, exit without running any cleanup
-            code = 1
+    workers: dict[int, tuple[int, int]] = {}  # piece index -> (pid, read fd)
+    results: dict[int, _Chunk] = {}
+    try:
+        for i, (a, b, s) in enumerate(pieces[1:], start=1):
             try:
+                r, w = os.pipe()
+            except OSError:
+                break
+            try:
+                pid = os.fork()
+            except OSError:
                 os.close(r)
-                out = _chunk_to_json(_scan_chunk(data, a, b, s, run_id, None))
-                view = memoryview(out)
-                while view:
-                    view = view[os.write(w, view):]
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        workers.append((pid, r))
-    results = [_scan_chunk(data, pieces[0][0], pieces[0][1], 0, run_id, ZERO_HEAD)]
-    for i, wk in enumerate(workers):
-        if wk is None:
-            continue
-        pid, r = wk
-        buf = bytearray()
-        with os.fdopen(r, "rb") as f:
-            buf += f.read()
-        _, status = os.waitpid(pid, 0)
+                os.close(w)
+                break
+            if pid == 0:  # child: compute, write, exit without running any cleanup
+                code = 1
+                try:
+                    os.close(r)
+                    out = _chunk_to_json(_scan_chunk(data, a, b, s, run_id, None))
+                    view = memoryview(out)
+                    while view:
+                        view = view[os.write(w, view):]
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            workers[i] = (pid, r)
+        results[0] = _scan_chunk(data, pieces[0][0], pieces[0][1], 0, run_id, ZERO_HEAD)
+    finally:
+        raw: dict[int, bytes] = {}
+        for i, (pid, r) in workers.items():
+            with os.fdopen(r, "rb") as f:
+                out = f.read()
+            _, status = os.waitpid(pid, 0)
+            if status == 0:
+                raw[i] = out
+    for i in range(1, len(pieces)):
         try:
-            if status != 0:
-                raise ValueError("worker failed")
-            results.append(_chunk_from_json(bytes(buf)))
-        except (ValueError, TypeError, KeyError):
+            results[i] = _chunk_from_json(raw[i])
+        except (KeyError, ValueError, TypeError):  # no worker, or it failed: do it here
             a, b, s = pieces[i]
-            results.append(_scan_chunk(data, a, b, s, run_id, None))
-    return results
+            results[i] = _scan_chunk(data, a, b, s, run_id, None)
+    return [results[i] for i in range(len(pieces))]
+

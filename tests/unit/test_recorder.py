@@ -325,6 +325,18 @@ def test_resume_refuses_sealed_and_corrupt_runs(tmp_path: Path, key: KernelKey) 
         RunRecorder.resume(bad.run_dir, key=key)
 
 
+def test_split_scan_falls_back_when_fork_fails(tmp_path: Path, key: KernelKey,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = _big_unsealed_run(tmp_path, key, 14_000)
+
+    def no_fork() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("kernel.verify.os.fork", no_fork)
+    rep = verify_run(run_dir, [key.public])
+    assert rep.problem == "not sealed; 14000 events intact up to seq 13999"
+
+
 def test_timestamp_format() -> None:
     assert utc_timestamp(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456Z"
 
