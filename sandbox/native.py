@@ -14,10 +14,10 @@ The launch is a visible checklist, in the order of nsjail's ``containProc`` (see
   A6. switch to the dedicated agent uid/gid      (when root; never uid 0 for the agent)
   A7. new user namespace mapping only that uid/gid (setgroups denied), then new mount, pid,
       net, ipc, uts and cgroup namespaces
-  A8. fork stage B (pid 1 of the new pid namespace); then only wait for it and mirror its
-      exit status (A never runs agent code, and closes every descriptor of the agent)
+  A8. fork stage B (pid 1 of the new pid namespace); then only wait for it and mirror the
+      agent's exit status (A never runs agent code, and closes every descriptor of the agent)
 
-**Stage B** (pid 1 in the sandbox: becomes the agent by ``execve``)
+**Stage B** (pid 1 in the sandbox, its init: confines itself, then starts the agent)
 
   B1. ``PR_SET_PDEATHSIG(SIGKILL)``, check that A still lives
   B2. build the mount tree from scratch, ``pivot_root`` into it, detach the host's
@@ -27,8 +27,10 @@ The launch is a visible checklist, in the order of nsjail's ``containProc`` (see
   B6. ``PR_SET_NO_NEW_PRIVS``
   B7. Landlock (read+execute everywhere in the view, write in scratch [and workspace])
   B8. ``chdir(spec.cwd)``
-  B9. seccomp filter (precompiled BPF, loaded raw; default signal dispositions first)
-  B10. ``execve(argv, env=spec.env)``: nothing else of the kernel's environment goes along
+  B9. seccomp filter (precompiled BPF, loaded raw)
+  B10. fork the agent, which resets SIGPIPE/SIGXFSZ/SIGXCPU and executes ``spec.argv``
+       with exactly ``spec.env``; the init closes everything, reaps orphans and reports the
+       agent's status to A (the agent is not pid 1, so the kernel's SIGXCPU/SIGXFSZ kill it)
 
 A failing step in A or B is written (step, errno) to a close-on-exec pipe and the process
 exits 127 before anything of the agent ran; the parent raises :class:`SandboxError` with it.
@@ -248,20 +250,22 @@ def _stage_a(L: _Launch) -> None:
                  | CLONE_NEWCGROUP)
     with _step("A8 fork the sandbox init"):
         life_r, life_w = os.pipe()
+        st_r, st_w = os.pipe()
         child = os.fork()
     if child == 0:
-        os.close(life_w)
-        os.close(L.report_w)
+        for fd in (life_w, st_r, L.report_w):
+            os.close(fd)
         try:
-            _stage_b(L, life_r)
+            _stage_b(L, life_r, st_w)
         except _StepError as e:
             _report(L.err_w, e)
         except BaseException as e:  # pragma: no cover - a bug in the checklist itself
             _report(L.err_w, _StepError("B", errno.EINVAL, repr(e)))
         os._exit(127)
-    # A from here on: keep only the report pipe and the life pipe; wait; mirror.
+    # A from here on: keep only the report pipe, the init's status pipe and the life pipe
+    # (its end in the init closes when A dies); wait for the init; mirror the agent's status.
     os.write(L.report_w, f"pid\t{child}\n".encode())
-    _close_all_but({L.report_w, life_w})
+    _close_all_but({L.report_w, life_w, st_r})
     while True:
         try:
             _, status, ru = os.wait4(child, 0)
@@ -270,11 +274,16 @@ def _stage_a(L: _Launch) -> None:
             os._exit(126)
     cpu_ms = int((ru.ru_utime + ru.ru_stime) * 1000)
     with contextlib.suppress(OSError):
+        parts = os.read(st_r, 256).decode().split()
+        if len(parts) == 3 and parts[0] == "agent":  # the init saw the agent end
+            status, cpu_ms = int(parts[1]), int(parts[2])
+    with contextlib.suppress(OSError):
         os.write(L.report_w, f"exit\t{status}\t{cpu_ms}\n".encode())
     if os.WIFSIGNALED(status):
         termsig = os.WTERMSIG(status)
         with contextlib.suppress(OSError, ValueError):
             signal.signal(termsig, signal.SIG_DFL)
+        with contextlib.suppress(OSError):
             os.kill(os.getpid(), termsig)
         os._exit(128 + termsig)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
@@ -290,8 +299,12 @@ def _close_all_but(keep: set[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
-def _stage_b(L: _Launch, life_r: int) -> None:
-    """pid 1 of the sandbox. Builds the rest of the cage, then becomes the agent."""
+def _stage_b(L: _Launch, life_r: int, st_w: int) -> None:
+    """pid 1 of the sandbox. Builds the rest of the cage (which then holds it too), starts the
+    agent as its child, reaps orphans, and reports the agent's status to the waiter.
+
+    The agent is not pid 1 itself: a pid-namespace init ignores signals it has no handler for,
+    even the kernel's SIGXCPU and SIGXFSZ, so limits would not bite as documented."""
     spec = L.spec
     with _step("B1 parent-death signal"):
         prctl.set_pdeathsig(signal.SIGKILL)
@@ -304,7 +317,7 @@ def _stage_b(L: _Launch, life_r: int) -> None:
         os.write(L.err_w, f"note\tproc\t{proc_status}\n".encode())
     with _step("B3 hostname and descriptors"):
         socket.sethostname("sandbox")
-        _close_all_but({0, 1, 2, L.err_w, *spec.pass_fds})
+        _close_all_but({0, 1, 2, L.err_w, st_w, *spec.pass_fds})
     with _step("B4 rlimits"):
         for res, soft, hard in L.rlimits:
             resource.setrlimit(res, (soft, hard))
@@ -325,11 +338,31 @@ def _stage_b(L: _Launch, life_r: int) -> None:
     with _step("B8 cwd"):
         os.chdir(spec.cwd)
     with _step("B9 seccomp"):
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU):
-            signal.signal(sig, signal.SIG_DFL)  # ignored dispositions would survive execve
         L.seccomp.load()
-    with _step("B10 execve"):
-        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))  # noqa: S606 (no shell)
+    with _step("B10 fork the agent"):
+        agent = os.fork()
+    if agent == 0:
+        try:
+            with _step("B10 execve"):
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU):
+                    signal.signal(sig, signal.SIG_DFL)  # SIG_IGN would survive execve
+                os.execve(spec.argv[0], list(spec.argv), dict(spec.env))  # noqa: S606
+        except _StepError as e:
+            _report(L.err_w, e)
+        os._exit(127)
+    # The init: hold nothing of the agent's (its pipes must see EOF when the agent ends),
+    # reap every orphan, end when the agent ends (the kernel then kills the namespace).
+    _close_all_but({st_w})
+    while True:
+        try:
+            pid, status, ru = os.wait4(-1, 0)
+        except ChildProcessError:  # pragma: no cover - the agent is always our child
+            os._exit(126)
+        if pid == agent:
+            cpu_ms = int((ru.ru_utime + ru.ru_stime) * 1000)
+            with contextlib.suppress(OSError):
+                os.write(st_w, f"agent {status} {cpu_ms}".encode())
+            os._exit(0)
 
 
 class NativeSandboxed:

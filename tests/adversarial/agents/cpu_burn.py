@@ -1,0 +1,5 @@
+"""Hostile agent: burns CPU forever."""
+
+x = 0
+while True:
+    x += 1
