@@ -432,9 +432,10 @@ class _Verifier:
         self.seal_status: str | None = body["status"]
 
     def modes(self) -> None:
+        dirs = set(self.dirs)
         for rel in [*self.dirs, *self.files]:
             mode = os.lstat(self.root / rel).st_mode & 0o7777
-            want = 0o555 if rel in self.dirs else 0o444
+            want = 0o555 if rel in dirs else 0o444
             if mode != want:
                 self.warnings.append(f"{rel}: mode {mode:o}, sealed runs are {want:o}")
                 return
