@@ -259,7 +259,7 @@ def _read_existing(dirfd: int, name: str, rel: str, expect_size: int) -> bytes:
         if st.st_size != expect_size:
             raise OSError(errno.EAGAIN, f"{rel}: changed since it was checked "
                           f"({st.st_size} bytes, expected {expect_size}); ask again")
-        data = os.read(fd, expect_size + 1) if expect_size else b""
+        data = b""
         while len(data) < expect_size + 1:
             b = os.read(fd, expect_size + 1 - len(data))
             if not b:
@@ -315,7 +315,9 @@ def _owner_for_new(dirfd: int) -> tuple[int, int] | None:
 def _put(dirfd: int, name: str, rel: str, content: bytes, mode: int | None,
          op: str) -> dict[str, Any]:
     old = _lstat(dirfd, name)
-    if old is not None and op != "create":
+    if old is not None and op == "create":
+        raise FileExistsError(errno.EEXIST, "already exists")
+    if old is not None:
         # Re-checked now, by the directory fd: whatever sits at the name must still be a
         # regular file with one link (a symlink or special file swapped in is refused).
         if stat.S_ISDIR(old.st_mode):
@@ -379,9 +381,10 @@ def _mkdir(ws: Workspace, rel: str, mode: int | None, parents: bool) -> dict[str
         return {"op": "mkdir", "path": rel}
     cur = open_dir_beneath(ws.fd, "")
     try:
-        for name in rel.split("/"):
-            try:
-                _mkdir_one(cur, name, m)
+        names = rel.split("/")
+        for i, name in enumerate(names):
+            try:  # like `mkdir -p -m MODE`: the mode is for the last directory only
+                _mkdir_one(cur, name, m if i == len(names) - 1 else DEFAULT_DIR_MODE)
             except FileExistsError:
                 pass
             nxt = openat_dir(cur, name)

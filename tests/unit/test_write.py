@@ -16,7 +16,14 @@ from kernel.decide import Decision, Grant, Usage, check_write, grant
 from kernel.manifest import Change, clone_tree, diff, scan
 from kernel.paths import Workspace
 from kernel.policy import Policy, ProtectedPath, WritePolicy
-from syscalls.write import TMP_PREFIX, perform, prepare, prepare_captured
+from syscalls.write import (
+    RENAME_NOREPLACE,
+    TMP_PREFIX,
+    perform,
+    prepare,
+    prepare_captured,
+    renameat2,
+)
 
 VIEW = "/workspace"
 POLICY = Policy()
@@ -187,6 +194,21 @@ def test_create_loses_race_cleanly(ws: Workspace) -> None:
     no_temp_files(ws.root)
 
 
+def test_renameat2_noreplace_is_atomic_guard(tmp_path: Path) -> None:
+    """The last line of defence of `create`: the rename itself refuses an existing target."""
+    (tmp_path / "a").write_bytes(b"new")
+    (tmp_path / "b").write_bytes(b"existing")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            renameat2(fd, "a", fd, "b", RENAME_NOREPLACE)
+        assert (tmp_path / "b").read_bytes() == b"existing"
+        renameat2(fd, "a", fd, "c", RENAME_NOREPLACE)
+        assert (tmp_path / "c").read_bytes() == b"new"
+    finally:
+        os.close(fd)
+
+
 def test_append(ws: Workspace) -> None:
     (ws.root / "log").write_bytes(b"a\n")
     os.chmod(ws.root / "log", 0o640)
@@ -264,6 +286,7 @@ def test_mkdir(ws: Workspace) -> None:
         perform(g, ws, b"")
     run(ws, {"op": "mkdir", "path": "x/y/z", "parents": True, "mode": 0o700})
     assert stat.S_IMODE((ws.root / "x" / "y" / "z").stat().st_mode) == 0o700
+    assert stat.S_IMODE((ws.root / "x" / "y").stat().st_mode) == 0o755
     run(ws, {"op": "mkdir", "path": "x/y/z", "parents": True})  # exists: fine, like mkdir -p
     (ws.root / "file").write_text("x")
     g = decide(ws, {"op": "mkdir", "path": "file/sub", "parents": True})
