@@ -347,8 +347,7 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
     lim = spec.limits
     lines += [
         "",
-        "# limits",
-        f"rlimit-cpu {lim.cpu_seconds}",
+        "# limits (rlimit-cpu is set by the launcher: soft below hard, so the cause is SIGXCPU)",
         f"rlimit-nofile {lim.open_files}",
         f"rlimit-nproc {lim.processes + _NPROC_OVERHEAD}",
         f"rlimit-fsize {lim.file_size_mb << 20}",
@@ -434,6 +433,7 @@ class _Launcher:
     bpf: bytes
     kernel_pid: int
     cgroup: cgroups.Group | None
+    cpu_seconds: int
     _buf: Any = field(default=None, repr=False)
     _prog: Any = field(default=None, repr=False)
 
@@ -477,6 +477,9 @@ class _Launcher:
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # firejail's rlimit-cpu sets soft == hard: the kernel then kills with SIGKILL and the
+        # cause cannot be told. Soft N, hard N+1: SIGXCPU first, SIGKILL if it is ignored.
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds + 1))
         _check(_libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
                            ctypes.byref(self._prog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
                "seccomp filter")
@@ -724,7 +727,7 @@ class FirejailBackend:
             chain_env = dict(spec.env)
             chain_env["container"] = "lxc"
             launcher = _Launcher(plan.binds, passwd, group_file, spec.scratch_bytes,
-                                 extra_filter(), os.getpid(), group)
+                                 extra_filter(), os.getpid(), group, limits.cpu_seconds)
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             started = time.monotonic()
             try:
@@ -765,6 +768,7 @@ class FirejailBackend:
                 "wall_seconds": (max(1, math.ceil(spec.wall_seconds))
                                  if spec.wall_seconds is not None else None),
                 "cpu_seconds": limits.cpu_seconds,
+                "cpu_by": "RLIMIT_CPU (launcher; soft, hard+1)",
                 "memory_bytes": limits.memory_mb << 20,
                 "memory_by": "cgroup" if memory_cgroup else "RLIMIT_AS",
                 "processes": limits.processes,
@@ -788,6 +792,7 @@ class FirejailBackend:
                     extra_filter()).hexdigest() +
                 " (ioctl TIOCSTI/TIOCLINUX EPERM, io_uring ENOSYS, foreign arch kill)",
                 "launcher: RLIMIT_CORE=0",
+                f"launcher: RLIMIT_CPU soft {limits.cpu_seconds} hard {limits.cpu_seconds + 1}",
                 "launcher: PR_SET_PDEATHSIG(SIGKILL); unshare --pid --kill-child makes pid 1 "
                 "of a new pid namespace around firejail (the sandbox dies with the kernel)",
                 ("pid 1: coreutils timeout --signal=KILL (wall time)"
@@ -848,12 +853,20 @@ class FirejailSandboxed:
         self._started = started
         self._killed = False
 
+    @staticmethod
+    def _status(code: int | None) -> int | None:
+        """firejail reports the program's death by signal N as exit status 128+N; give it back
+        as -N like the other backends (an agent exiting with 128+N on purpose looks the same)."""
+        if code is not None and 128 < code <= 128 + 64:
+            return 128 - code
+        return code
+
     def poll(self) -> int | None:
-        return self._proc.poll()
+        return self._status(self._proc.poll())
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
-            return self._proc.wait(timeout)
+            return self._status(self._proc.wait(timeout))
         except subprocess.TimeoutExpired:
             return None
 
@@ -862,12 +875,11 @@ class FirejailSandboxed:
             b = self._group.breach()
             if b is not None:
                 return b
-        code = self._proc.returncode
+        code = self._status(self._proc.returncode)
         if code is None or self._killed:
             return None
-        # firejail reports death by signal N of the program as exit status 128+N
         for sig, name in ((signal.SIGXCPU, "cpu_seconds"), (signal.SIGXFSZ, "file_size")):
-            if code in (128 + sig, -sig):
+            if code == -sig:
                 return name
         return None
 
