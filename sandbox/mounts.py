@@ -185,6 +185,19 @@ def plan(*, workspace: Path, workspace_view: Path, workspace_writable: bool,
     process; raises OSError when a source is missing (the caller makes it a SandboxError)."""
     p = Plan(method="open_tree clones taken by the kernel" if clone
              else "binds of sources opened by the sandbox child")
+    try:
+        _fill(p, workspace=workspace, workspace_view=workspace_view,
+              workspace_writable=workspace_writable, read_paths=read_paths, hidden=hidden,
+              scratch_bytes=scratch_bytes, uid=uid, gid=gid, clone=clone)
+    except BaseException:
+        p.close()
+        raise
+    return p
+
+
+def _fill(p: Plan, *, workspace: Path, workspace_view: Path, workspace_writable: bool,
+          read_paths: tuple[Path, ...], hidden: tuple[Path, ...], scratch_bytes: int,
+          uid: int, gid: int, clone: bool) -> None:
 
     def bind(target: str, source: str, *, writable: bool = False, attrs: int = RO) -> Op:
         st = os.stat(source)
@@ -195,6 +208,9 @@ def plan(*, workspace: Path, workspace_view: Path, workspace_writable: bool,
         p.fds.append(fd)
         return Op("bind", target, fd=fd, is_dir=is_dir, writable=writable)
 
+    if not os.path.isdir(workspace):
+        raise NotADirectoryError(errno.ENOTDIR, "the workspace is not a directory",
+                                 str(workspace))
     binds: list[Op] = []
     # (host source, view path) pairs, for mapping hidden host paths into the view.
     sources: list[tuple[Path, Path]] = []
@@ -231,9 +247,6 @@ def plan(*, workspace: Path, workspace_view: Path, workspace_writable: bool,
     binds.append(Op("tmpfs", "/tmp",  # noqa: S108 (the sandbox's private scratch tmpfs)
                     data=f"size={scratch_bytes},mode=1777,nr_inodes=65536"))
 
-    if not os.path.isdir(workspace):
-        raise NotADirectoryError(errno.ENOTDIR, "the workspace is not a directory",
-                                 str(workspace))
     binds.append(bind(str(workspace_view), str(workspace), writable=workspace_writable))
     sources.append((workspace, workspace_view))
     for rp in read_paths:
@@ -259,7 +272,6 @@ def plan(*, workspace: Path, workspace_view: Path, workspace_writable: bool,
     hides.sort(key=lambda op: _depth(op.target))
     p.ops += hides
     p.hidden = sorted({op.target for op in hides})
-    return p
 
 
 def _mkdirs(path: str) -> None:
