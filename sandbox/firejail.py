@@ -73,6 +73,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -209,7 +210,6 @@ class Plan:
     profile: str
     binds: tuple[Bind, ...]
     keep_fds: tuple[int, ...]
-    hidden_absent: tuple[str, ...]
     memory_rlimit: bool
 
 
@@ -360,7 +360,9 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
         f"private-cwd {cwd}",
         "",
     ]
-    return Plan("\n".join(lines), tuple(binds), tuple(sorted(set(spec.pass_fds))), (),
+    # outer mounts first, so that a bind inside another one is not covered by it
+    binds.sort(key=lambda b: b.target.count("/"))
+    return Plan("\n".join(lines), tuple(binds), tuple(sorted(set(spec.pass_fds))),
                 not memory_cgroup)
 
 
@@ -474,8 +476,6 @@ class _Launcher:
                        MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
             os.close(fd)
         os.chdir("/")
-        import resource
-
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         # firejail's rlimit-cpu sets soft == hard: the kernel then kills with SIGKILL and the
         # cause cannot be told. Soft N, hard N+1: SIGXCPU first, SIGKILL if it is ignored.
@@ -527,6 +527,7 @@ class FirejailBackend:
         on (default: the kernel's PATH)."""
         self._search_path = search_path
         self._probed: Availability | None = None
+        self._version = ""
         self._bin: dict[str, str] = {}
 
     def agent_ids(self) -> tuple[int, int]:
@@ -558,6 +559,7 @@ class FirejailBackend:
                                "sandbox for an unprivileged user)")
             ver, text = _version_of(fj)
             facts["firejail_version"] = text
+            self._version = text
             if not ver:
                 missing.append(f"cannot read the version of {fj}")
             elif ver < MIN_VERSION:
@@ -757,7 +759,7 @@ class FirejailBackend:
 
         enforced: dict[str, Any] = {
             "backend": self.name,
-            "firejail_version": self.probe_version(),
+            "firejail_version": self._version,
             "firejail_path": b["firejail"],
             "profile_sha256": digest,
             "profile": plan.profile,
@@ -765,8 +767,6 @@ class FirejailBackend:
             "agent_uid": uid,
             "agent_gid": gid,
             "limits": {
-                "wall_seconds": (max(1, math.ceil(spec.wall_seconds))
-                                 if spec.wall_seconds is not None else None),
                 "cpu_seconds": limits.cpu_seconds,
                 "cpu_by": "RLIMIT_CPU (launcher; soft, hard+1)",
                 "memory_bytes": limits.memory_mb << 20,
@@ -808,14 +808,13 @@ class FirejailBackend:
             "hidden_absent_at_start": hidden_absent,
             "keep_fds": list(plan.keep_fds),
         }
+        if spec.wall_seconds is not None:
+            enforced["limits"]["wall_seconds"] = max(1, math.ceil(spec.wall_seconds))
         if spec.workspace != spec.workspace_view:
             enforced["workspace_copy"] = ("the private copy is bound over the view path by the "
                                           "launcher, then whitelisted by firejail")
         return FirejailSandboxed(proc, enforced, group, tmp, started)
 
-    def probe_version(self) -> str:
-        v = self.probe().facts.get("firejail_version")
-        return str(v) if v is not None else ""
 
 
 def _write(path: str, text: str) -> None:
@@ -840,6 +839,15 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class FirejailSandboxed:
     """A running firejail sandbox. ``pid`` is the launcher (first ``unshare``)."""
 
@@ -861,12 +869,17 @@ class FirejailSandboxed:
             return 128 - code
         return code
 
+    def _result(self, code: int | None) -> int | None:
+        if code is not None and self._killed:
+            return -signal.SIGKILL
+        return self._status(code)
+
     def poll(self) -> int | None:
-        return self._status(self._proc.poll())
+        return self._result(self._proc.poll())
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
-            return self._status(self._proc.wait(timeout))
+            return self._result(self._proc.wait(timeout))
         except subprocess.TimeoutExpired:
             return None
 
@@ -885,17 +898,26 @@ class FirejailSandboxed:
 
     def kill(self) -> None:
         """SIGKILL pid 1 of the sandbox's outer pid namespace (the Linux kernel then kills and
-        reaps everything inside), then the launcher, then anything left in the cgroups."""
-        if self._proc.returncode is None:
+        reaps everything inside it), then the launcher, then anything left in the cgroups.
+
+        The launcher is stopped first so that it does not react to pid 1's death (``unshare``
+        would print an error into the agent's stderr); it is killed once pid 1 is gone."""
+        if self._proc.poll() is None:
             self._killed = True
-            for child in _children(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGSTOP)
+            inits = _children(self.pid)
+            for child in inits:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-            if self.wait(2.0) is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 2.0
+            while any(_alive(c) for c in inits) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.wait(2.0)
         if self._group is not None:
             self._group.kill()
 
