@@ -142,18 +142,24 @@ attempt("delete_git", lambda: k.delete(".git/config"))
 
 def test_exec_command_writing_outside_and_into_protected_paths(
         tmp_path: Path, backend: str) -> None:
+    # Two canaries: one beside the workspace (under /tmp, where the sandbox has its private
+    # scratch: a write there lands in the discarded scratch, never on the host), one in a host
+    # directory the sandbox does not show at all.
     canary = tmp_path / "exec-canary.txt"
+    canary2 = Path("/var/tmp") / f"agent-kernel-canary-{uuid.uuid4().hex}"
     open_up(tmp_path)
     script = (
         "import os\n"
-        f"try:\n    open({str(canary)!r}, 'w').write('x'); print('OUTSIDE-WRITTEN')\n"
-        "except OSError as e:\n    print('outside failed', e.errno)\n"
+        f"for p in [{str(canary)!r}, {str(canary2)!r}]:\n"
+        "    try:\n        open(p, 'w').write('x')\n"
+        "    except OSError as e:\n        print('outside failed', e.errno)\n"
         "os.makedirs('.git/hooks', exist_ok=True)\n"
         "open('.git/hooks/pre-commit', 'w').write('evil')\n"
         "open('.git/config', 'w').write('changed')\n"
         "open('ok.txt', 'w').write('fine')\n"
         "os.symlink('/etc/shadow', 'shadow-link')\n"
-        "os.mkfifo('a-fifo')\n"
+        "try:\n    os.mkfifo('a-fifo')\n"
+        "except OSError as e:\n    print('mkfifo refused in the sandbox', e.errno)\n"
     )
     run = run_agent(tmp_path, CLIENT_PRELUDE + f"""
 r = k.exec(["python3", "-c", {script!r}])
@@ -161,14 +167,15 @@ report("exec", {{"code": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.
                  "changes": r.changes}})
 """, backend=backend, files={".git/config": "original"})
     r = results(run)["exec"]
-    assert "OUTSIDE-WRITTEN" not in r["out"], r
     assert not canary.exists()
+    assert not canary2.exists()
     by_path = {c["path"]: c for c in r["changes"]}
     assert by_path["ok.txt"]["decision"] == "allowed"
     assert by_path[".git/config"]["decision"] == "denied"
     assert by_path[".git/hooks/pre-commit"]["decision"] == "denied"
     assert by_path["shadow-link"]["decision"] == "denied"
-    assert by_path["a-fifo"]["decision"] == "denied"
+    # the native sandbox refuses mkfifo itself (Landlock); if a FIFO is made, it is refused
+    assert by_path.get("a-fifo", {"decision": "denied"})["decision"] == "denied"
     assert (run.workspace / "ok.txt").read_text() == "fine"
     assert (run.workspace / ".git" / "config").read_text() == "original"
     assert not (run.workspace / ".git" / "hooks").exists()
