@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import socket
 import textwrap
 import time
 import uuid
@@ -445,3 +447,66 @@ def test_wall_time_is_enforced_by_the_sandbox_itself(backend: FirejailBackend,
     assert not res.timed_out and time.monotonic() - t0 < 10
     assert res.status is not None and res.status != 0
 
+
+
+@sandbox
+def test_exit_status_and_signals_are_mirrored(backend: FirejailBackend,
+                                              workspace: Path) -> None:
+    assert run(backend, make_spec(workspace, [PYTHON, "-c", "raise SystemExit(7)"])).status == 7
+    res = run(backend, make_spec(workspace, [PYTHON, "-c",
+                                             "import os; os.kill(os.getpid(), 15)"]))
+    assert res.status == -signal.SIGTERM
+
+
+@sandbox
+def test_pass_fds_reach_the_agent_at_the_same_number(backend: FirejailBackend,
+                                                     workspace: Path) -> None:
+    kernel_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = agent_end.fileno()
+    try:
+        code = f"import os; os.write({fd}, b'hello from the agent')"
+        res = run(backend, make_spec(workspace, [PYTHON, "-c", code], pass_fds=(fd,)))
+        assert res.status == 0, res.text
+        kernel_end.settimeout(5)
+        assert kernel_end.recv(100) == b"hello from the agent"
+    finally:
+        kernel_end.close()
+        agent_end.close()
+
+
+@sandbox
+@adversarial
+def test_foreign_syscall_abi_kills_the_process(backend: FirejailBackend,
+                                               workspace: Path) -> None:
+    code = ("import ctypes, mmap\n"
+            "m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "m.write(bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3]))\n"
+            "addr = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+            "print('before', flush=True)\n"
+            "ctypes.CFUNCTYPE(ctypes.c_int)(addr)()\n"
+            "print('survived', flush=True)\n")
+    res = run(backend, make_spec(workspace, [PYTHON, "-c", code]))
+    assert res.status == -signal.SIGSYS, res.text
+    assert "survived" not in res.text
+
+
+@sandbox
+def test_workspace_view_under_tmp_need_not_exist_on_the_host(backend: FirejailBackend,
+                                                             workspace: Path) -> None:
+    view = Path("/tmp") / f"agent-kernel-view-{uuid.uuid4().hex}" / "ws"
+    res = run(backend, make_spec(workspace, [PYTHON, "-c", "import os; print(os.listdir('.'))"],
+                                 view=view))
+    assert "a.txt" in res.stdout.decode(), res.text
+    assert not view.parent.exists()
+
+
+@sandbox
+def test_hidden_file_inside_the_workspace_is_unreadable(backend: FirejailBackend,
+                                                        workspace: Path) -> None:
+    key = workspace / "signing.key"
+    key.write_text("PRIVATE-KEY-MATERIAL")
+    key.chmod(0o644)
+    res = run(backend, make_spec(workspace, [PYTHON, "-c", "print(open('signing.key').read())"],
+                                 hidden=(key,)))
+    assert "PRIVATE-KEY-MATERIAL" not in res.text
+    assert res.status != 0
