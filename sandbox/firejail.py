@@ -641,6 +641,10 @@ class FirejailBackend:
                     "CapEff:\t0000000000000000": "capabilities dropped",
                     f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}": "agent uid"}
             absent = [what for line, what in want.items() if line not in out]
+            # firejail's user namespace maps the agent uid alone; without it ("0 0 4294967295")
+            # firejail ran the program unsandboxed
+            if not re.search(rf"^\s*{uid}\s+{uid}\s+1\s*$", out, re.MULTILINE):
+                absent.append("firejail's user namespace (firejail did not sandbox)")
             if code != 0 or absent:
                 return ("firejail smoke test failed (exit " + str(code) + "): not in place: " +
                         (", ".join(absent) or "-") + "; output: " + out.strip()[-300:])
