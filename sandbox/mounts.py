@@ -208,7 +208,7 @@ def _fill(p: Plan, *, workspace: Path, workspace_view: Path, workspace_writable:
         p.fds.append(fd)
         return Op("bind", target, fd=fd, is_dir=is_dir, writable=writable)
 
-    if not os.path.isdir(workspace):
+    if not stat.S_ISDIR(os.stat(workspace).st_mode):  # missing or unreachable: raises
         raise NotADirectoryError(errno.ENOTDIR, "the workspace is not a directory",
                                  str(workspace))
     binds: list[Op] = []

@@ -1,39 +1,57 @@
 """The ``native`` isolation backend: namespaces, a fresh mount tree, Landlock, seccomp, rlimits
 and cgroups, built by this project from Linux primitives.
 
-The launch is a visible checklist, in the order of nsjail's ``containProc`` (see
-``docs``/isolation notes §6). The kernel process forks once (no new interpreter starts):
+The launch is a visible checklist in the order of nsjail's ``containProc`` (isolation notes
+§6). The kernel process forks once; no new interpreter starts until the agent's own ``execve``.
+Each step says why it is safe.
 
-**Stage A** (the *waiter*, a child of the kernel; the pid the kernel waits for)
+**Stage A**, the *waiter*: a child of the kernel, the pid the kernel waits for.
 
-  A1. join the sandbox's cgroups                 (before anything of the agent can run)
-  A2. ``setsid``                                 (no controlling terminal: TIOCSTI needs one)
-  A3. ``PR_SET_PDEATHSIG(SIGKILL)``, check ppid  (the kernel dies -> the sandbox dies)
-  A4. default signal handlers, empty mask, RLIMIT_CORE=0
-  A5. stdin/stdout/stderr onto 0/1/2, close every other fd but ``pass_fds``
-  A6. switch to the dedicated agent uid/gid      (when root; never uid 0 for the agent)
-  A7. new user namespace mapping only that uid/gid (setgroups denied), then new mount, pid,
-      net, ipc, uts and cgroup namespaces
-  A8. fork stage B (pid 1 of the new pid namespace); then only wait for it and mirror the
-      agent's exit status (A never runs agent code, and closes every descriptor of the agent)
+A1. Join the sandbox's cgroups (fds opened by the kernel). *Before anything else runs, so every
+    later process is counted and limited; nothing can leave a cgroup without privilege.*
+A2. ``setsid``. *No controlling terminal: TIOCSTI on a terminal that is not the caller's
+    controlling tty needs CAP_SYS_ADMIN (seccomp filters it as well, B9).*
+A3. ``PR_SET_PDEATHSIG(SIGKILL)``, then check the parent is still the kernel. *If the kernel
+    dies, the waiter dies; the init follows (B1), and the whole pid namespace with it.*
+A4. Default signal dispositions, empty mask, RLIMIT_CORE=0. *No handler of the kernel's runs
+    here, and no core file of this process can be written anywhere.*
+A5. The spec's stdin/stdout/stderr (or /dev/null) onto 0/1/2; close every other descriptor but
+    ``pass_fds``. *Nothing the kernel had open reaches the sandbox (runc CVE-2024-21626).*
+A6. Switch to the dedicated agent uid/gid (kernel running as root). *The agent never is, or
+    maps to, host root; per-user limits bite; it owns nothing of the host.*
+A7. New user namespace mapping only that uid/gid (``setgroups`` denied), then new mount, pid,
+    net, ipc, uts and cgroup namespaces. *The capabilities needed to build the tree exist only
+    over namespaces the sandbox owns; an empty net namespace has no route anywhere; abstract
+    unix sockets and SysV IPC are per namespace.*
+A8. Fork B (pid 1 of the new pid namespace); then only wait and mirror the agent's status.
+    *A runs no agent code and keeps no descriptor of the agent's.*
 
-**Stage B** (pid 1 in the sandbox, its init: confines itself, then starts the agent)
+**Stage B**, pid 1 of the sandbox (its init): confines itself, then starts the agent.
 
-  B1. ``PR_SET_PDEATHSIG(SIGKILL)``, check that A still lives
-  B2. build the mount tree from scratch, ``pivot_root`` into it, detach the host's
-  B3. hostname ``sandbox``; close the descriptors used to build the tree
-  B4. rlimits: CPU, NOFILE, NPROC, FSIZE, CORE=0 (AS only without a memory cgroup)
-  B5. drop every capability (bounding, ambient, effective/permitted/inheritable)
-  B6. ``PR_SET_NO_NEW_PRIVS``
-  B7. Landlock (read+execute everywhere in the view, write in scratch [and workspace])
-  B8. ``chdir(spec.cwd)``
-  B9. seccomp filter (precompiled BPF, loaded raw)
-  B10. ``posix_spawn`` the agent: ``spec.argv`` with exactly ``spec.env``, default signal
-       dispositions; the init closes everything, reaps orphans and reports the agent's status
-       to A (the agent is not pid 1, so the kernel's SIGXCPU/SIGXFSZ do kill it)
+B1. ``PR_SET_PDEATHSIG(SIGKILL)`` and check A still lives. *The chain kernel -> A -> B is
+    unbroken: killing any link kills the namespace.*
+B2. Build the mount tree from scratch (``sandbox/mounts.py``), ``pivot_root`` into it, detach
+    the host's tree, make the new root read-only. *Only what is listed is reachable by any
+    path; sources were taken before anything could hide or swap them.*
+B3. Hostname ``sandbox``; close the descriptors used to build the tree. *No handle on a host
+    mount survives into the agent.*
+B4. rlimits: CPU, NOFILE, NPROC, FSIZE, CORE=0 (and AS only without a memory cgroup).
+    *Per-process resource caps that need no privilege to enforce.*
+B5. Drop every capability: bounding set, ambient, effective/permitted/inheritable. *The
+    capabilities B held over its own namespaces are gone before anything untrusted runs.*
+B6. ``PR_SET_NO_NEW_PRIVS``. *No setuid/setgid/file-capability gain across exec, ever.*
+B7. Landlock: read+execute in the view, write only in scratch (and a writable workspace), no
+    device/socket/FIFO creation, no device ioctl, no TCP, abstract unix sockets and signals
+    scoped. *A second, path-based wall that holds even if a mount is wrong.*
+B8. ``chdir(spec.cwd)``.
+B9. seccomp (``sandbox/seccomp_filter.py``, compiled once, loaded raw). *Kernel attack
+    surface and every way back out of the namespaces are refused by number and argument.*
+B10. ``posix_spawn`` the agent with exactly ``spec.env`` and default signal dispositions; then
+     close everything, reap orphans, report the agent's status to A. *The agent inherits all of
+     the above; it is not pid 1, so the kernel's SIGXCPU/SIGXFSZ do end it.*
 
-A failing step in A or B is written (step, errno) to a close-on-exec pipe and the process
-exits 127 before anything of the agent ran; the parent raises :class:`SandboxError` with it.
+A failing step is written (step, errno) to a close-on-exec pipe and the process exits 127
+before anything of the agent ran; the parent raises :class:`SandboxError` naming the step.
 """
 
 from __future__ import annotations
@@ -234,11 +252,13 @@ def _stage_a(L: _Launch) -> None:
             os.setgroups([])
             os.setresgid(L.gid, L.gid, L.gid)
             os.setresuid(L.uid, L.uid, L.uid)
-            prctl.set_dumpable(1)  # else /proc/self/uid_map stays root's
             prctl.set_pdeathsig(signal.SIGKILL)  # a uid change clears it
             if os.getppid() != L.kernel_pid:
                 raise _StepError("A6 agent uid/gid", errno.ESRCH, "the kernel already exited")
     with _step("A7 namespaces"):
+        # A credential change leaves the process non-dumpable, and /proc/self/uid_map then
+        # belongs to root: make it ours again (only this uid can reach it, in a fresh pid ns).
+        prctl.set_dumpable(1)
         _unshare(CLONE_NEWUSER)
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -582,14 +602,20 @@ class NativeBackend:
                 except BaseException as e:
                     _report(err_w, _StepError("A", errno.EINVAL, repr(e)))
                 os._exit(127)
+        except OSError as e:  # fork itself failed: nothing started
+            for fd in (err_r, report_r):
+                os.close(fd)
+            if group is not None:
+                group.remove()
+            raise SandboxError(f"cannot fork the sandbox: {e}") from None
         finally:
             if gc_was_enabled:
                 gc.enable()
-        for fd in (err_w, report_w, devnull):
-            os.close(fd)
-        plan.close()
-        if group is not None:
-            group.close_fds()
+            for fd in (err_w, report_w, devnull):
+                os.close(fd)
+            plan.close()
+            if group is not None:
+                group.close_fds()
 
         notes, errors = _read_setup(err_r)
         init_pid = _read_init_pid(report_r)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +314,57 @@ def test_memory_breach_is_named(native: NativeBackend, workspace: Path) -> None:
     if not mem_cgroup:
         pytest.skip("no memory cgroup here: RLIMIT_AS contains the bomb (tested elsewhere)")
     assert res.breach == "memory" and res.status == -signal.SIGKILL
+
+
+@pytest.fixture
+def open_workspace() -> Iterator[Path]:
+    """A workspace an unprivileged user can reach (pytest's tmp dirs are root-only)."""
+    top = Path(tempfile.mkdtemp(prefix="agent-kernel-test-"))
+    top.chmod(0o755)
+    ws = top / "ws"
+    ws.mkdir(mode=0o755)
+    (ws / "README.md").write_text("the workspace\n")
+    yield ws
+    shutil.rmtree(top)
+
+
+def test_unprivileged_kernel_gets_its_own_uid_and_no_cgroups(open_workspace: Path) -> None:
+    """The kernel not running as root: its own uid, no cgroups (recorded, not refused), rlimits
+    only. Run for real in a forked copy of this test process that gave up root."""
+    if os.geteuid() != 0:
+        pytest.skip("this process is not root: every other test here already runs that way")
+    backend_or_skip("native")
+    uid = gid = 65533
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the forked, unprivileged "kernel"
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            b = NativeBackend()
+            res = run(b, make_spec(open_workspace, agent_argv("identity.py")))
+            report = {"ids": list(b.agent_ids()), "out": res.json(), "status": res.status,
+                      "cgroup": res.enforced["cgroup"], "limits": res.enforced["limits"],
+                      "method": res.enforced["mounts"]["method"]}
+            os.write(w, json.dumps(report).encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, json.dumps({"error": repr(e)}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    report = json.loads(data)
+    assert "error" not in report, report
+    assert report["status"] == 0
+    assert report["ids"] == [uid, gid]
+    assert report["out"]["uid"] == uid and int(report["out"]["CapEff"], 16) == 0
+    assert report["cgroup"]["mode"] == "none" and "not root" in report["cgroup"]["why"]
+    assert isinstance(report["limits"]["address_space_bytes"], int)
+    assert report["method"].startswith("binds of sources opened by the sandbox child")
