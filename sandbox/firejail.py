@@ -336,10 +336,11 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
     ]
     keep_top = {"/proc", "/dev", "/etc", SCRATCH, "/run", *SYSTEM_DIRS, *tops}
     for name in layout.root_entries:
-        top = "/" + name
+        top = _check_path("/" + name, "host top-level entry")
         if top not in keep_top:
             lines.append(f"blacklist {top}")
-    lines += ["", "# the workspace and the read paths"]
+    lines += ["", "# the workspace and the read paths (keep-var-tmp: else firejail puts its own",
+              "# tmpfs on /var/tmp, over a path whitelisted there)", "keep-var-tmp"]
     lines += [f"whitelist {p}" for p in whitelist]
     lines += [f"read-only {p}" for p in read_only]
     lines += ["", "# hidden even inside the workspace"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import textwrap
 import time
 import uuid
@@ -510,3 +512,31 @@ def test_hidden_file_inside_the_workspace_is_unreadable(backend: FirejailBackend
                                  hidden=(key,)))
     assert "PRIVATE-KEY-MATERIAL" not in res.text
     assert res.status != 0
+
+
+@sandbox
+def test_workspace_outside_tmp_is_whitelisted_read_only(backend: FirejailBackend) -> None:
+    base = Path(tempfile.mkdtemp(prefix="agent-kernel-fjtest-", dir="/var/tmp"))
+    try:
+        ws = base / "ws"
+        ws.mkdir()
+        (ws / "f.txt").write_text("f")
+        for p in (base, ws):
+            p.chmod(0o755)
+        out = py(backend, ws, """
+            import json, os
+            res = {"ls": os.listdir("."), "var": os.listdir("/var"),
+                   "var_tmp": os.listdir("/var/tmp")}
+            try:
+                open("g", "w")
+                res["write"] = "written"
+            except OSError as e:
+                res["write"] = "errno %d" % e.errno
+            print(json.dumps(res))
+        """)
+        assert out["ls"] == ["f.txt"] and out["var"] == ["tmp"]
+        assert out["var_tmp"] == [base.name]  # nothing else of the host's /var/tmp
+        assert out["write"] == "errno 30"
+        assert f"whitelist {ws}" in out["_enforced"]["profile"].splitlines()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
