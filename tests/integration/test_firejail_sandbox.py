@@ -540,3 +540,18 @@ def test_workspace_outside_tmp_is_whitelisted_read_only(backend: FirejailBackend
         assert f"whitelist {ws}" in out["_enforced"]["profile"].splitlines()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@sandbox
+def test_sandbox_ends_when_the_agent_exits_even_with_children_left(
+        backend: FirejailBackend, workspace: Path) -> None:
+    marker = f"fjbg-{uuid.uuid4().hex}"
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; print(1, flush=True); time.sleep(300)', sys.argv[1]], "
+            "stdout=subprocess.PIPE); p.stdout.readline(); print('spawned', flush=True)")
+    t0 = time.monotonic()
+    res = run(backend, make_spec(workspace, [PYTHON, "-c", code, marker]), timeout=30)
+    assert not res.timed_out and time.monotonic() - t0 < 15
+    assert res.status == 0 and b"spawned" in res.stdout
+    assert wait_gone(marker, 5.0) == []
+    assert "deterministic-shutdown" in res.enforced["profile"].splitlines()
