@@ -24,7 +24,9 @@ A7. New user namespace mapping only that uid/gid (``setgroups`` denied), then ne
     over namespaces the sandbox owns; an empty net namespace has no route anywhere; abstract
     unix sockets and SysV IPC are per namespace.*
 A8. Fork B (pid 1 of the new pid namespace); then only wait and mirror the agent's status.
-    *A runs no agent code and keeps no descriptor of the agent's.*
+    *A runs no agent code and keeps no descriptor of the agent's. A and B are copies of the
+    kernel's memory: both are non-dumpable, so the agent (same uid) cannot read their
+    /proc/<pid>/mem or environ, and hidepid makes B invisible to it.*
 
 **Stage B**, pid 1 of the sandbox (its init): confines itself, then starts the agent.
 
@@ -257,7 +259,7 @@ def _stage_a(L: _Launch) -> None:
                 raise _StepError("A6 agent uid/gid", errno.ESRCH, "the kernel already exited")
     with _step("A7 namespaces"):
         # A credential change leaves the process non-dumpable, and /proc/self/uid_map then
-        # belongs to root: make it ours again (only this uid can reach it, in a fresh pid ns).
+        # belongs to root: make it ours for the three writes below.
         prctl.set_dumpable(1)
         _unshare(CLONE_NEWUSER)
         with open("/proc/self/setgroups", "w") as f:
@@ -266,6 +268,9 @@ def _stage_a(L: _Launch) -> None:
             f.write(f"{L.uid} {L.uid} 1\n")
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{L.gid} {L.gid} 1\n")
+        # A (and B, forked from it) is a copy of the kernel's memory and environment: not
+        # dumpable, so no process of the agent's uid may read /proc/<pid>/{mem,environ} of it.
+        prctl.set_dumpable(0)
         _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
                  | CLONE_NEWCGROUP)
     with _step("A8 fork the sandbox init"):

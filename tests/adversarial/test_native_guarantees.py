@@ -493,6 +493,20 @@ def test_kernel_death_ends_the_sandbox(backend: Backend, workspace: Path) -> Non
             proc.wait()
 
 
+def test_kernel_memory_and_environment_are_not_readable_through_proc(
+        backend: Backend, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox's helper processes (launcher, init) are copies of the kernel's memory: an
+    agent with the same uid must not read their /proc/<pid>/environ or mem."""
+    secret_value = f"KERNELMEM-{uuid.uuid4().hex}"
+    monkeypatch.setenv("KERNEL_SIDE_TOKEN", secret_value)  # in this process's environment
+    in_memory = secret_value.encode() * 4  # and in its heap  # noqa: F841
+    res = run(backend, make_spec(workspace, agent_argv("proc_snoop.py", secret_value[::-1])),
+              timeout=120)
+    out = res.json()
+    assert out["found"] == [], out
+    assert out["mem_opened"] == [], out
+
+
 def test_only_the_spec_environment_reaches_the_agent(backend: Backend, workspace: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     secret_value = f"ENVSECRET-{uuid.uuid4().hex}"
