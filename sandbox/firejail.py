@@ -256,9 +256,9 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
         raise SandboxError(
             f"firejail backend: the workspace view {view} lies in a system directory; it "
             "cannot be made visible read-only on its own there")
-    if not (_under(cwd, view) or _under(cwd, SCRATCH)):
-        raise SandboxError(f"firejail backend: working directory {cwd} is outside the "
-                           f"workspace view {view} and the scratch dir")
+    if not (_under(cwd, view) or cwd == SCRATCH):
+        raise SandboxError(f"firejail backend: working directory {cwd} is neither in the "
+                           f"workspace view {view} nor the scratch dir {SCRATCH}")
     for fd in spec.pass_fds:
         if fd < 3:
             raise SandboxError(f"firejail backend: pass_fds holds {fd}, a standard descriptor")
@@ -617,9 +617,11 @@ class FirejailBackend:
         try:
             os.chmod(ws, 0o755)  # noqa: S103 - the agent uid reads this empty probe dir
             spec = SandboxSpec(
-                argv=("/usr/bin/cat", "/proc/self/status", "/proc/self/uid_map"),
+                argv=("/usr/bin/cat", "/proc/self/status", "/proc/self/uid_map",
+                      "/proc/self/environ"),
                 workspace=ws, workspace_view=ws, workspace_writable=False, cwd=ws,
-                env={"PATH": "/usr/bin:/bin"}, limits=Limits(), scratch_bytes=1 << 20,
+                env={"PATH": "/usr/bin:/bin", "SMOKE": "1"}, limits=Limits(),
+                scratch_bytes=1 << 20,
                 stdout=w, stderr=w, wall_seconds=30.0)
             try:
                 sb = self._start(spec)
@@ -646,9 +648,15 @@ class FirejailBackend:
             # firejail ran the program unsandboxed
             if not re.search(rf"^\s*{uid}\s+{uid}\s+1\s*$", out, re.MULTILINE):
                 absent.append("firejail's user namespace (firejail did not sandbox)")
+            environ = out.rsplit("\n", 1)[-1].split("\0")
+            extra = sorted({v.split("=", 1)[0] for v in environ if v} - {"PATH", "SMOKE"})
+            if extra:
+                absent.append("a scrubbed environment (firejail adds variables this backend "
+                              "does not remove: " + ", ".join(extra) + ")")
             if code != 0 or absent:
+                tail = out.replace("\0", " ").strip()[-300:]
                 return ("firejail smoke test failed (exit " + str(code) + "): not in place: " +
-                        (", ".join(absent) or "-") + "; output: " + out.strip()[-300:])
+                        (", ".join(absent) or "-") + "; output: " + tail)
             return ""
         finally:
             if w >= 0:
