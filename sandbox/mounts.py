@@ -113,6 +113,13 @@ def set_attr(target: str, attrs: int, *, recursive: bool, step: str, dirfd: int 
         raise _fail(step)
 
 
+def mount_api_available() -> bool:
+    """open_tree/move_mount (5.2) and mount_setattr (5.12): the tree is built with them."""
+    r = _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-1), b"", ctypes.c_uint(0),
+                      None, ctypes.c_size_t(0))
+    return not (r < 0 and ctypes.get_errno() == errno.ENOSYS)
+
+
 def clone_tree(path: str, attrs: int) -> int:
     """A detached, private copy of the mount tree at ``path`` with ``attrs`` added (parent,
     root only). The copy shares nothing with the host's mounts but the files themselves."""

@@ -141,10 +141,17 @@ def _step(name: str) -> Iterator[None]:
 
 
 def _ids() -> tuple[int, int]:
+    """The agent's host (uid, gid): the dedicated ids when the kernel is root, else its own."""
     if os.geteuid() != 0:
         return os.geteuid(), os.getegid()
-    return (int(os.environ.get("KERNEL_AGENT_UID", AGENT_UID)),
-            int(os.environ.get("KERNEL_AGENT_GID", AGENT_GID)))
+    ids = []
+    for var, default in (("KERNEL_AGENT_UID", AGENT_UID), ("KERNEL_AGENT_GID", AGENT_GID)):
+        raw = os.environ.get(var, str(default))
+        if not raw.isdigit() or not 0 < int(raw) < 0xFFFFFFFF:
+            raise SandboxError(f"{var}={raw!r} is not a usable id",
+                               hint="a positive integer other than 0 (root) and 4294967295")
+        ids.append(int(raw))
+    return ids[0], ids[1]
 
 
 def _unshare(flags: int) -> None:
@@ -526,20 +533,23 @@ class NativeBackend:
         except OSError:
             missing.append("/proc/self/status unreadable: cannot check seccomp")
         facts["cap_last_cap"] = _cap_last()
+        if not mounts.mount_api_available():
+            missing.append("the kernel lacks mount_setattr(2) (Linux 5.12 or newer is needed)")
         try:
             facts["seccomp_digest"] = seccomp_filter.digest()
         except Exception as e:
             missing.append(f"pyseccomp/libseccomp unusable: {e}")
         if prctl is None:
             missing.append("python-prctl is not importable")
-        uid, gid = _ids()
-        if os.geteuid() == 0 and (uid == 0 or gid == 0):
-            missing.append("KERNEL_AGENT_UID/KERNEL_AGENT_GID must not be 0")
+        try:
+            uid, gid = _ids()
+        except SandboxError as e:
+            missing.append(e.message)
         else:
             why = _probe_userns()
             if why:
                 missing.append(why)
-        facts["agent_uid"], facts["agent_gid"] = uid, gid
+            facts["agent_uid"], facts["agent_gid"] = uid, gid
         facts["cgroup_mode"], facts["cgroup"] = cgroups.mode()
         if os.geteuid() != 0:
             facts["cgroup"] = "not used: the kernel is not root (rlimits only)"

@@ -370,3 +370,22 @@ def test_unprivileged_kernel_gets_its_own_uid_and_no_cgroups(open_workspace: Pat
     assert report["cgroup"]["mode"] == "none" and "not root" in report["cgroup"]["why"]
     assert isinstance(report["limits"]["address_space_bytes"], int)
     assert report["method"].startswith("binds of sources opened by the sandbox child")
+
+
+def test_agent_uid_can_be_chosen_but_never_root(workspace: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    backend_or_skip("native")
+    if os.geteuid() != 0:
+        pytest.skip("the agent ids are configurable only when the kernel runs as root")
+    monkeypatch.setenv("KERNEL_AGENT_UID", "64011")
+    monkeypatch.setenv("KERNEL_AGENT_GID", "64012")
+    b = NativeBackend()
+    assert b.agent_ids() == (64011, 64012)
+    out = run(b, make_spec(workspace, agent_argv("identity.py"))).json()
+    assert (out["uid"], out["gid"]) == (64011, 64012)
+    monkeypatch.setenv("KERNEL_AGENT_UID", "0")
+    refused = NativeBackend()
+    av = refused.probe()
+    assert not av.available and any("KERNEL_AGENT_UID" in m for m in av.missing)
+    with pytest.raises(SandboxError):
+        refused.start(make_spec(workspace, py("pass")))
