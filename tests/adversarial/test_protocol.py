@@ -75,7 +75,8 @@ for body in [
 ]:
     s.sendall(frame(json.dumps(body).encode()))
     r = json.loads(read_reply())
-    print("REPLY", body["id"], r["ok"], r.get("error", {}).get("rule"), r.get("error", {}).get("code"))
+    err = r.get("error", {})
+    print("REPLY", body["id"], r["ok"], err.get("rule"), err.get("code"))
 """, backend=backend)
     assert run.proc.returncode == 0, run.proc.stderr
     replies = [ln.split() for ln in run.agent_output.splitlines() if ln.startswith("REPLY")]
