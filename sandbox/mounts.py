@@ -319,8 +319,9 @@ def build(p: Plan) -> str:
     root = STAGING
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1048576,nr_inodes=4096",
           "tmpfs for the new root")
-    empty = f"{root}/.empty"
-    _touch(empty, 0o000)
+    empty = f"{root}/.empty"  # the source of "hide" for files; made only when needed
+    if any(op.kind == "hide" and not op.is_dir for op in p.ops):
+        _touch(empty, 0o000)
     proc_status = "not mounted"
     for op in p.ops:
         t = root + op.target
