@@ -71,7 +71,8 @@ def test_profile_for_a_workspace_outside_tmp() -> None:
     for must in ("quiet", "noroot", "nonewprivs", "caps.drop all", "nogroups", "net none",
                  "protocol unix", "ipc-namespace", "private-dev", "seccomp.block-secondary",
                  "restrict-namespaces", "deterministic-shutdown", "deterministic-exit-code",
-                 "seccomp " + ",".join(EXTRA_SECCOMP), "private-etc group,ld.so.cache,passwd",
+                 "seccomp " + ",".join(EXTRA_SECCOMP), "whitelist /etc/passwd",
+                 "read-only /etc/passwd", "whitelist /etc/ld.so.cache", "keep-var-tmp",
                  "whitelist /work/project", "read-only /work/project",
                  "whitelist /opt/toolchain", "read-only /opt/toolchain",
                  "blacklist /work/project/runs", "blacklist /dev/shm", "blacklist /dev/tty",
@@ -98,13 +99,13 @@ def test_profile_for_a_workspace_outside_tmp() -> None:
 def test_profile_for_a_workspace_under_tmp_and_a_private_copy() -> None:
     ws = Path("/tmp/pytest-x/ws")
     copy = Path("/tmp/agent-kernel-1/exec-2/ws")
-    plan = make_plan(_spec(copy, workspace_view=ws, workspace_writable=True,
+    plan = make_plan(_spec(copy, workspace_view=ws, workspace_writable=True, cwd=ws,
                            read_paths=(Path("/tmp/agent-kernel-1/bundle"),)),
                      LAYOUT, memory_cgroup=True, pids_cgroup=True)
     lines = plan.profile.splitlines()
     # under /tmp nothing is whitelisted (firejail would cover the sized scratch with its own
     # unlimited tmpfs); the launcher binds instead and firejail marks read-only
-    assert not any(ln.startswith("whitelist") for ln in lines)
+    assert not any(ln.startswith("whitelist /tmp") for ln in lines)
     assert "read-only /tmp/agent-kernel-1/bundle" in lines
     assert "read-only /tmp/pytest-x/ws" not in lines  # the copy is writable
     assert [(b.source, b.target, b.read_only) for b in plan.binds] == [
