@@ -32,9 +32,11 @@ Layers of this project around firejail (all listed in ``enforced["layers"]``):
   names its run files by pid, and every sandbox's firejail is pid 2 of its own pid namespace.)
 * **die with the kernel** — firejail does not die with its parent and the parent-death signal
   is cleared when a setuid program is executed. The launcher sets ``PR_SET_PDEATHSIG(SIGKILL)``
-  on the first ``unshare``; its ``--kill-child`` gives the second ``unshare``, pid 1 of a new pid
-  namespace around firejail, the same; when pid 1 dies the Linux kernel kills every process in
-  that namespace, firejail's sandbox included, double-forked and ``setsid`` children too.
+  on the first ``unshare``; its ``--kill-child`` gives the same to its child, pid 1 of a new pid
+  namespace around firejail (``timeout`` or a second ``unshare``, neither setuid); when pid 1
+  dies the Linux kernel kills every process in that namespace, firejail's sandbox included,
+  double-forked and ``setsid`` children too. (The parent-death signal follows the *thread*
+  that started the sandbox: start sandboxes from a thread that outlives them.)
   firejail's own check for "already inside a sandbox" would silently run the program
   *unsandboxed* in such a namespace; ``container=lxc`` in firejail's environment tells it to
   sandbox normally (the probe verifies that the filters really are in place).
@@ -55,6 +57,23 @@ Layers of this project around firejail (all listed in ``enforced["layers"]``):
   removes those the policy did not name. glibc strips loader and a few other variables
   (``SETUID_STRIPPED_ENV``) from every setuid program, firejail included, so they cannot reach
   the agent: a spec naming one is refused.
+
+What firejail itself is asked for, beyond the above: ``noroot`` (a user namespace mapping
+only the agent uid), ``nonewprivs``, ``caps.drop all``, ``nogroups``, its default seccomp list
+plus :data:`EXTRA_SECCOMP`, ``seccomp.block-secondary``, ``restrict-namespaces``, ``net none``,
+``protocol unix``, ``ipc-namespace``, ``hostname``, ``private-dev`` without ``/dev/shm``,
+``/dev/tty``, ``/dev/pts``, ``/dev/ptmx``, blacklists of every host top-level entry that is
+not a system directory, whitelists (read-only) of the workspace and read paths, blacklists of
+the hidden paths, ``rlimit-nofile``/``-nproc``/``-fsize`` (``-as`` without a memory cgroup),
+``deterministic-exit-code``, ``deterministic-shutdown`` (the sandbox ends with the agent, like
+the native backend's pid 1; firejail then waits a fixed 100 ms between SIGTERM and SIGKILL of
+what is left, a cost paid by every sandbox), ``private-cwd``, and ``--keep-fd`` for
+``spec.pass_fds`` (kept at the same numbers; firejail closes every other descriptor above 2).
+
+Known limits: ``RLIMIT_NPROC`` counts every process of the agent uid on the host, so
+concurrent sandboxes share it (the pids cgroup is the per-sandbox limit); a hidden path that
+does not exist at start cannot be blacklisted (recorded in ``hidden_absent_at_start``); a
+workspace view outside ``/tmp`` must exist on the host (the private copy is bound over it).
 
 Refusals (:class:`SandboxError`, nothing runs): the kernel is not root, firejail is missing or
 not setuid root or too old, a path firejail cannot express exactly (glob or macro characters,
