@@ -291,8 +291,11 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
         binds.append(Bind(source, view, ws_ro))
     if not _under(view, SCRATCH):
         whitelist.append(view)
+    read_write: list[str] = []
     if ws_ro:
         read_only.append(view)
+    elif not _under(view, SCRATCH):
+        read_write.append(view)  # firejail mounts some whitelisted trees (/var) read-only
 
     for rp in spec.read_paths:
         s = _check_path(rp, "read path")
@@ -358,6 +361,7 @@ def make_plan(spec: SandboxSpec, layout: HostLayout, *, memory_cgroup: bool,
               "# tmpfs on /var/tmp, over a path whitelisted there)", "keep-var-tmp"]
     lines += [f"whitelist {p}" for p in whitelist]
     lines += [f"read-only {p}" for p in read_only]
+    lines += [f"read-write {p}" for p in read_write]
     lines += ["", "# hidden even inside the workspace"]
     lines += [f"blacklist {h}" for h in hidden]
     lim = spec.limits
@@ -707,6 +711,12 @@ class FirejailBackend:
             _check_real(_check_path(rp, "read path"), "read path")
 
         uid, gid = agent_ids()
+        if spec.workspace_writable and not _under(view, SCRATCH) and os.stat(src).st_uid != uid:
+            raise SandboxError(
+                f"firejail backend: the writable workspace {src} is not owned by the agent uid "
+                f"{uid}; firejail's read-write applies only to the invoking user's own files "
+                "and would silently leave it read-only",
+                hint="chown the writable copy to the agent uid (see Backend.agent_ids)")
         limits = spec.limits
         group, group_why = cgroups.create(limits.memory_mb << 20,
                                           limits.processes + _PIDS_OVERHEAD)

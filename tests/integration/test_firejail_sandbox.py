@@ -556,3 +556,46 @@ def test_sandbox_ends_when_the_agent_exits_even_with_children_left(
     assert res.status == 0 and b"spawned" in res.stdout
     assert wait_gone(marker, 5.0) == []
     assert "deterministic-shutdown" in res.enforced["profile"].splitlines()
+
+
+@sandbox
+def test_private_copy_of_a_workspace_outside_tmp(backend: FirejailBackend,
+                                                 tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="agent-kernel-fjtest-", dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        ws = base / "ws"
+        ws.mkdir(mode=0o755)
+        (ws / "a.txt").write_text("real\n")
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / "a.txt").write_text("copy\n")
+        tmp_path.chmod(0o711)
+        uid, gid = backend.agent_ids()
+        for p in (copy, copy / "a.txt"):
+            os.chown(p, uid, gid)
+        out = py(backend, copy, """
+            import json, os
+            open("b.txt", "w").write("made")
+            print(json.dumps({"seen": open("a.txt").read(), "cwd": os.getcwd()}))
+        """, writable=True, view=ws)
+        assert out["seen"] == "copy\n" and out["cwd"] == str(ws)
+        assert (copy / "b.txt").read_text() == "made"
+        assert sorted(os.listdir(ws)) == ["a.txt"]
+        # not owned by the agent: firejail would silently keep it read-only, so: refused
+        with pytest.raises(SandboxError, match="not owned by the agent uid"):
+            backend.start(make_spec(ws, [PYTHON, "-c", "pass"], writable=True))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_profile_for_a_private_copy_outside_tmp() -> None:
+    view = Path("/work/project")
+    copy = Path("/tmp/agent-kernel-1/exec-2/ws")
+    plan = make_plan(_spec(copy, workspace_view=view, workspace_writable=True, cwd=view),
+                     LAYOUT, memory_cgroup=True, pids_cgroup=True)
+    lines = plan.profile.splitlines()
+    assert "whitelist /work/project" in lines and "read-write /work/project" in lines
+    assert "read-only /work/project" not in lines
+    assert [(b.source, b.target, b.read_only) for b in plan.binds] == [
+        (str(copy), str(view), False)]
