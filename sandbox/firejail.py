@@ -135,7 +135,9 @@ FIREJAIL_ADDED_ENV = (
     "container", "FIREJAIL_QUIET", "KDE_FORK_SLAVES", "PROMPT_COMMAND", "QML_DISABLE_DISK_CACHE",
     "QT_X11_NO_MITSHM", "SHELL",
 )
-"""Variables firejail 0.9.72 sets in the sandbox; removed unless the spec names them."""
+"""Variables firejail 0.9.72 sets in the sandbox, removed again by ``env -u``. A spec may not
+name them (firejail would replace the value), except ``SHELL``, which comes from the generated
+passwd entry and so takes the spec's value."""
 
 SETUID_STRIPPED_ENV = frozenset({
     "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
@@ -390,6 +392,10 @@ def check_env(env: Mapping[str, str]) -> None:
     for name, value in env.items():
         if not name or "=" in name or "\0" in name or "\0" in value:
             raise SandboxError(f"firejail backend: invalid environment variable name {name!r}")
+        if name in FIREJAIL_ADDED_ENV and name != "SHELL":
+            raise SandboxError(
+                f"firejail backend: environment variable {name} cannot be passed: firejail sets "
+                "it to a value of its own", hint="drop it from the policy")
         if name.startswith("LD_") or name in SETUID_STRIPPED_ENV:
             raise SandboxError(
                 f"firejail backend: environment variable {name} cannot reach the agent: glibc "

@@ -132,8 +132,9 @@ def test_workspace_in_a_system_place_is_refused(view: str) -> None:
                   pids_cgroup=False)
 
 
-@pytest.mark.parametrize("name", ["LD_PRELOAD", "LD_LIBRARY_PATH", "TMPDIR", "GCONV_PATH"])
-def test_variables_glibc_strips_from_setuid_programs_are_refused(name: str) -> None:
+@pytest.mark.parametrize("name", ["LD_PRELOAD", "LD_LIBRARY_PATH", "TMPDIR", "GCONV_PATH",
+                                  "container", "PROMPT_COMMAND"])
+def test_variables_that_cannot_pass_through_firejail_are_refused(name: str) -> None:
     with pytest.raises(SandboxError, match=name):
         check_env({"PATH": "/usr/bin", name: "/x"})
 
@@ -257,7 +258,8 @@ def test_io_uring_and_new_user_namespaces_fail(backend: FirejailBackend,
 def test_environment_is_exactly_the_spec(backend: FirejailBackend, workspace: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOST_ONLY_SECRET", "s3cr3t")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "MINE": "yes"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "MINE": "yes",
+           "SHELL": "/bin/sh"}
     out = py(backend, workspace, """
         import json, os
         print(json.dumps({"env": dict(os.environ)}))
