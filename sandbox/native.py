@@ -648,6 +648,7 @@ class NativeBackend:
             "landlock": ll.summary(),
             "seccomp_digest": seccomp_filter.digest(),
             "seccomp_bpf_instructions": len(seccomp_filter.program()) // 8,
+            "seccomp": seccomp_filter.summary(),
             "namespaces": list(NAMESPACES),
             "uid": uid,
             "gid": gid,

@@ -70,18 +70,38 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-@cache
 def program() -> bytes:
-    """The compiled BPF program (cached: compiled once per process)."""
+    """The compiled BPF program (compiled once per process)."""
+    return _compiled()[0]
+
+
+def summary() -> dict[str, list[str]]:
+    """What the program does, by name, for the record."""
+    _, eperm = _compiled()
+    return {
+        "killed": ["any foreign architecture or x32 system call"],
+        "enosys": list(ENOSYS_CALLS),
+        "eperm": list(eperm),
+        "eperm_if": ["clone with any CLONE_NEW* flag",
+                     "ioctl TIOCSTI or TIOCLINUX (low 32 bits of the command)",
+                     "personality other than 0 and 0xffffffff"],
+        "eafnosupport_if": ["socket or socketpair of a family other than AF_UNIX"],
+    }
+
+
+@cache
+def _compiled() -> tuple[bytes, tuple[str, ...]]:
     import pyseccomp as sc
 
     f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     for name in ENOSYS_CALLS:
         f.add_rule(sc.ERRNO(errno.ENOSYS), name)
+    eperm: list[str] = []
     for name in EPERM_CALLS:
         try:
             f.add_rule(sc.ERRNO(errno.EPERM), name)
+            eperm.append(name)
         except OSError as e:  # a name this libseccomp does not know cannot be called either
             if e.errno != errno.EINVAL:
                 raise
@@ -105,7 +125,7 @@ def program() -> bytes:
         bpf = out.read()
     if not bpf or len(bpf) % 8:
         raise OSError(errno.EINVAL, "libseccomp exported an empty or truncated BPF program")
-    return bpf
+    return bpf, tuple(eperm)
 
 
 def digest() -> str:
