@@ -40,9 +40,8 @@ Layers of this project around firejail (all listed in ``enforced["layers"]``):
   firejail's own check for "already inside a sandbox" would silently run the program
   *unsandboxed* in such a namespace; ``container=lxc`` in firejail's environment tells it to
   sandbox normally (the probe verifies that the filters really are in place).
-* **seccomp, second filter** — firejail's default list misses io_uring (a seccomp bypass) and,
-  in 0.9.72, ``set_mempolicy``/``vmsplice`` (a missing comma in its ``@default`` group); those are
-  added to firejail's filter. firejail cannot filter ioctl arguments, so the launcher loads,
+* **seccomp, second filter** — firejail's default list misses io_uring (a seccomp bypass),
+  ``kcmp`` and ``process_madvise``; those are added to firejail's filter. firejail cannot filter ioctl arguments, so the launcher loads,
   before firejail starts (as root, so no ``no_new_privs`` is needed), a small BPF filter of its
   own: ioctl ``TIOCSTI``/``TIOCLINUX`` (low 32 bits compared) → EPERM, io_uring → ENOSYS,
   foreign architectures → kill. It stays on every process below it. The launcher also calls
@@ -149,8 +148,8 @@ SETUID_STRIPPED_ENV = frozenset({
 """glibc's unsecure variables (plus every ``LD_*``): removed from any setuid program's
 environment, so they cannot pass through firejail."""
 
-EXTRA_SECCOMP = ("io_uring_setup", "io_uring_enter", "io_uring_register", "set_mempolicy",
-                 "vmsplice", "kcmp", "process_madvise")
+EXTRA_SECCOMP = ("io_uring_setup", "io_uring_enter", "io_uring_register", "kcmp",
+                 "process_madvise")
 """Added to firejail's default (``@default-nodebuggers``) filter."""
 
 # firejail profile lines cannot quote; these characters are globs, macros, list separators or
