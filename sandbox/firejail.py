@@ -41,10 +41,11 @@ Layers of this project around firejail (all listed in ``enforced["layers"]``):
   *unsandboxed* in such a namespace; ``container=lxc`` in firejail's environment tells it to
   sandbox normally (the probe verifies that the filters really are in place).
 * **seccomp, second filter** — firejail's default list misses io_uring (a seccomp bypass),
-  ``kcmp`` and ``process_madvise``; those are added to firejail's filter. firejail cannot filter ioctl arguments, so the launcher loads,
-  before firejail starts (as root, so no ``no_new_privs`` is needed), a small BPF filter of its
-  own: ioctl ``TIOCSTI``/``TIOCLINUX`` (low 32 bits compared) → EPERM, io_uring → ENOSYS,
-  foreign architectures → kill. It stays on every process below it. The launcher also calls
+  ``kcmp`` and ``process_madvise``; those are added to firejail's filter. firejail cannot
+  filter ioctl arguments, so the launcher loads, before firejail starts (as root, so no
+  ``no_new_privs`` is needed), a small BPF filter of its own: ioctl ``TIOCSTI``/``TIOCLINUX``
+  (low 32 bits compared) → EPERM, io_uring → ENOSYS, foreign architectures → kill. It stays on
+  every process below it. The launcher also calls
   ``setsid`` (no controlling terminal).
 * **wall time** — coreutils ``timeout --signal=KILL`` as that pid 1 (its death ends the
   namespace), and :meth:`FirejailSandboxed.kill` from the kernel. firejail's own ``timeout``
