@@ -409,6 +409,11 @@ class Supervisor:
                     break
                 if chan.closed and sb.poll() is not None:
                     break
+                if chan.closed and not open_pipes:
+                    # nothing left to read: wait for the exit itself, not for the next tick
+                    left = wall - (time.monotonic() - started)
+                    if sb.wait(max(min(left, 1.0), 0.0)) is not None:
+                        break
             while not chan.closed:
                 before = len(chan.inbuf)
                 chan.fill()
