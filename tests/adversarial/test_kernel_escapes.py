@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -339,6 +340,9 @@ time.sleep(60)
 """, backend=backend, policy=str(policy), timeout=90)
     assert run.out["status"] == "limit", run.out
     assert run.out["breach"] in ("processes", "wall_seconds")
+    if "pids" in _enforced(run).get("cgroup", {}).get("paths", {}):
+        # a pids cgroup is in force: the fork bomb itself must be the recorded cause
+        assert run.out["breach"] == "processes", run.out
     forked = [ln for ln in run.agent_output.splitlines() if ln.startswith("forked")]
     assert not forked or int(forked[0].split()[1]) < 16
     ends = [e["body"] for e in run.events() if e["type"] == "agent.exit"]
@@ -362,10 +366,19 @@ while True:
     assert run.out["exit_code"] != 0
     ends = [e["body"] for e in run.events() if e["type"] == "agent.exit"]
     assert ends
-    # memory exhaustion either kills the sandbox (breach "memory") or ends the agent with a
-    # MemoryError under RLIMIT_AS; both are recorded as a non-passing run
-    assert ends[0].get("breach") == "memory" or "MemoryError" in run.agent_output
+    if _enforced(run).get("cgroup", {}).get("memory_bytes"):
+        # a memory cgroup is in force: the sandbox is killed and the cause recorded
+        assert (run.out["status"], run.out["breach"]) == ("limit", "memory"), run.out
+        assert ends[0].get("breach") == "memory"
+    else:
+        # RLIMIT_AS only: the agent dies of MemoryError, recorded as a failed run
+        assert "MemoryError" in run.agent_output
     assert run.verify().returncode == 0
+
+
+def _enforced(run: object) -> dict[str, Any]:
+    starts = [e["body"] for e in run.events() if e["type"] == "sandbox.start"]  # type: ignore[attr-defined]
+    return dict(starts[0]["enforced"])
 
 
 def _pids_with(marker: str) -> list[int]:
