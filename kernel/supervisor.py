@@ -324,6 +324,10 @@ class Supervisor:
             signal.signal(signal.SIGINT, old_handlers[1])
             signal.signal(signal.SIGHUP, old_handlers[2])
             kernel_end.close()
+            if self.sandbox is not None and self.sandbox.poll() is None:
+                # only on the kernel's own failure (a recorder error...): never leave it running
+                self.sandbox.kill()
+                self.sandbox.wait(5.0)
             self._drain(out_r, 1)
             self._drain(err_r, 2)
             os.close(out_r)
@@ -455,6 +459,10 @@ class Supervisor:
             return True
         if not data:
             return False
+        self._keep_and_relay(data, fd)
+        return True
+
+    def _keep_and_relay(self, data: bytes, fd: int) -> None:
         keep = self.out_keep[fd]
         if len(keep) < OUTPUT_CAP:
             keep += data[: OUTPUT_CAP - len(keep)]
@@ -465,14 +473,19 @@ class Supervisor:
                 sink.flush()
             except (OSError, ValueError):
                 pass
-        return True
 
     def _drain(self, src: int, fd: int) -> None:
-        try:
-            while self._relay(src, fd):
-                pass
-        except OSError:
-            pass
+        """Relay what is left in a pipe without ever blocking (the tree has ended or been
+        killed; a writer that survived cannot stall the kernel)."""
+        os.set_blocking(src, False)
+        while True:
+            try:
+                data = os.read(src, 65536)
+            except OSError:  # EAGAIN: nothing more now; or the pipe is gone
+                return
+            if not data:
+                return
+            self._keep_and_relay(data, fd)
 
     def _serve(self, chan: Channel) -> None:
         """Answer every complete frame in the buffer, in order."""

@@ -464,3 +464,48 @@ def test_sigterm_to_the_kernel_kills_the_agent_and_seals_the_run(
     v = kernel_cmd(["verify", result["run_dir"], "--trust",
                     str(tmp_path / "home" / "keys" / "kernel.pub")], home=tmp_path / "home")
     assert v.returncode == 0, v.stdout
+
+
+@pytest.mark.root
+def test_a_full_runs_disk_stops_the_run_cleanly(tmp_path: Path, backend: str) -> None:
+    """The agent fills the disk holding the run folder: the kernel stops with one message, the
+    agent does not outlive it, and what was recorded stays valid (incomplete, not corrupt)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs for the runs dir")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(runs)], check=True)
+    marker = "marker-" + uuid.uuid4().hex
+    try:
+        ws = make_workspace(tmp_path)
+        (ws / "agent.py").write_text(CLIENT_PRELUDE + """
+import time
+for i in range(100):
+    try:
+        k.write(f"f{i}.bin", os.urandom(256 * 1024))
+    except Exception as e:
+        print("agent saw", type(e).__name__, flush=True)
+        break
+time.sleep(60)
+""")
+        from tests.kernel_helpers import kernel_cmd
+
+        proc = kernel_cmd(["exec", "--workspace", str(ws), "--runs-dir", str(runs),
+                           "--isolation", backend, "--", AGENT_PY, "agent.py", marker],
+                          home=tmp_path / "home", timeout=60)
+        assert proc.returncode not in (0, 1), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "no space" in proc.stderr.lower(), proc.stderr
+        assert [p for p in _pids_with(marker)] == []
+        folders = list(runs.iterdir())
+        assert len(folders) == 1
+        v = kernel_cmd(["verify", str(folders[0]), "--trust",
+                        str(tmp_path / "home" / "keys" / "kernel.pub")], home=tmp_path / "home")
+        assert v.returncode == ExitCode.INCOMPLETE, v.stdout + v.stderr
+    finally:
+        for p in _pids_with(marker):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        subprocess.run(["umount", "-l", str(runs)], check=False)
