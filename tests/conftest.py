@@ -8,9 +8,24 @@ the skips it should never see are not there"). Elsewhere skips stay skips, each 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from _pytest.terminal import TerminalReporter
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A small workspace the unprivileged agent uid can traverse to and read."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "README.md").write_text("the workspace\n")
+    (ws / "a.txt").write_text("a\n")
+    for p in (tmp_path, ws):
+        p.chmod(0o755)
+    for f in ("README.md", "a.txt"):
+        (ws / f).chmod(0o644)
+    return ws
 
 
 def _ci_as_root() -> bool:

@@ -32,6 +32,7 @@ from tests.kernel_helpers import (
     run_agent,
     skip_unless_available,
 )
+from tests.sandbox_helpers import pids_with_marker
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.adversarial]
 
@@ -381,20 +382,6 @@ def _enforced(run: object) -> dict[str, Any]:
     return dict(starts[0]["enforced"])
 
 
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
-
-
 def test_agent_dies_when_the_kernel_is_killed(tmp_path: Path, backend: str) -> None:
     marker = "marker-" + uuid.uuid4().hex
     ws = make_workspace(tmp_path)
@@ -413,20 +400,22 @@ def test_agent_dies_when_the_kernel_is_killed(tmp_path: Path, backend: str) -> N
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(_pids_with(marker)) < 3:
+        while time.monotonic() < deadline and len(pids_with_marker(marker)) < 3:
             time.sleep(0.1)
-        agents = [p for p in _pids_with(marker) if p != proc.pid]
+        agents = [p for p in pids_with_marker(marker) if p != proc.pid]
         assert len(agents) >= 2, "the agent did not start"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and [p for p in _pids_with(marker) if p != proc.pid]:
+        survivors = [p for p in pids_with_marker(marker) if p != proc.pid]
+        while time.monotonic() < deadline and survivors:
             time.sleep(0.1)
-        assert [p for p in _pids_with(marker) if p != proc.pid] == []
+            survivors = [p for p in pids_with_marker(marker) if p != proc.pid]
+        assert survivors == []
     finally:
         if proc.poll() is None:
             proc.kill()
-        for p in _pids_with(marker):
+        for p in pids_with_marker(marker):
             try:
                 os.kill(p, signal.SIGKILL)
             except OSError:
@@ -496,14 +485,14 @@ time.sleep(60)
         assert proc.returncode not in (0, 1), proc.stderr
         assert "Traceback" not in proc.stderr
         assert "no space" in proc.stderr.lower(), proc.stderr
-        assert [p for p in _pids_with(marker)] == []
+        assert [p for p in pids_with_marker(marker)] == []
         folders = list(runs.iterdir())
         assert len(folders) == 1
         v = kernel_cmd(["verify", str(folders[0]), "--trust",
                         str(tmp_path / "home" / "keys" / "kernel.pub")], home=tmp_path / "home")
         assert v.returncode == ExitCode.INCOMPLETE, v.stdout + v.stderr
     finally:
-        for p in _pids_with(marker):
+        for p in pids_with_marker(marker):
             try:
                 os.kill(p, signal.SIGKILL)
             except OSError:

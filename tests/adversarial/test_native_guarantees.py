@@ -49,18 +49,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return backend_or_skip(str(request.param))
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "README.md").write_text("the workspace\n")
-    # The agent runs as its own uid: it must be able to traverse to and read the workspace.
-    for p in (tmp_path, ws):
-        p.chmod(0o755)
-    (ws / "README.md").chmod(0o644)
-    return ws
-
-
 def failed(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("errno", "socket: errno"))
 

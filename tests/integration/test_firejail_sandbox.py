@@ -166,16 +166,6 @@ def backend() -> FirejailBackend:
     return b
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "a.txt").write_text("a\n")
-    for p in (tmp_path, ws):
-        p.chmod(0o755)
-    return ws
-
-
 def py(backend: FirejailBackend, ws: Path, code: str, **kw: Any) -> dict[str, Any]:
     spec = make_spec(ws, [PYTHON, "-c", textwrap.dedent(code)], **kw)
     res = run(backend, spec, timeout=60)

@@ -47,17 +47,6 @@ def native() -> NativeBackend:
     return b
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "README.md").write_text("the workspace\n")
-    for p in (tmp_path, ws):
-        p.chmod(0o755)
-    (ws / "README.md").chmod(0o644)
-    return ws
-
-
 def py(code: str) -> list[str]:
     return [PYTHON, "-c", code]
 
