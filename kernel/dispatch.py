@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kernel import evidence
 from kernel.context import RunContext
 from kernel.decide import Decision, WriteRequest, check_write, grant
 from syscalls import abi
@@ -47,13 +48,16 @@ def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision
                 req: int | None, request_digest: str, now_ns: int,
                 extra: dict[str, Any] | None = None) -> Outcome:
     """Decide, record and (if allowed) perform one prepared write."""
+    dextra = dict(extra or {})
     if isinstance(prepared, Decision):
         decision, request, content = prepared, None, b""
     else:
         request, content = prepared
-        decision = check_write(request, ctx.policy, ctx.ledger.usage, now_ns)
+        usage = ctx.ledger.usage
+        decision = check_write(request, ctx.policy, usage, now_ns)
+        dextra["facts"] = evidence.write_facts(request, usage)  # what replay re-decides from
     dseq = record_decision(ctx, decision, req=req, request_digest=request_digest,
-                           now_ns=now_ns, extra=extra)
+                           now_ns=now_ns, extra=dextra)
     if not decision.allowed or request is None:
         return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
                                         abi.DENIED), seq=dseq)

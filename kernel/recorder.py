@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kernel import failpoints
 from kernel.canonical import canonical_json, sha256_digest
 from kernel.errors import BadInputError, KernelError, RunIntegrityError
 from kernel.keys import KernelKey
@@ -483,10 +484,13 @@ class RunRecorder:
                                  "put_blob and reference it with a *_blob key")
             assert self._fd is not None
             try:
+                failpoints.hit("log.before_write")
                 n = os.write(self._fd, line + b"\n")
                 if n != len(line) + 1:
                     raise OSError(errno.EIO, f"short write ({n} of {len(line) + 1} bytes)")
+                failpoints.hit("log.after_write")
                 os.fdatasync(self._fd)
+                failpoints.hit("log.after_sync")
             except OSError as e:
                 raise self._fail(f"appending seq {seq}", e) from e
             self._head = hashlib.sha256(line).hexdigest()

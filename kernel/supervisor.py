@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kernel import agentenv, bundle, dispatch, keys, manifest
+from kernel import agentenv, bundle, dispatch, failpoints, keys, manifest, snapshot
 from kernel.canonical import canonical_json, digest_of
 from kernel.context import RunContext
 from kernel.decide import check_quota_syscalls
@@ -69,6 +69,10 @@ class ExecOptions:
     """Kernel home (keys, client bundle); default ``keys.kernel_home()``."""
     relay_stdout: IO[bytes] | None = None
     relay_stderr: IO[bytes] | None = None
+    after_agent: Callable[[RunContext, str, int | None], dict[str, Any]] | None = None
+    """Called once the agent has ended and the final manifest is written, before ``run.end``
+    (``kernel exec --task`` runs the verification commands and the gate here); what it returns
+    goes into the ``run.end`` summary as ``gate`` and into :attr:`RunOutcome.gate`."""
 
 
 @dataclass
@@ -85,12 +89,14 @@ class RunOutcome:
     seal: str | None = None
     requests: int = 0
     denials: int = 0
+    gate: dict[str, Any] | None = None
+    """The gate report, when the run had a task with a gate."""
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
                 "exit_code": self.exit_code, "isolation": self.isolation,
                 "breach": self.breach, "seal": self.seal, "requests": self.requests,
-                "denials": self.denials}
+                "denials": self.denials, "gate": self.gate}
 
 
 class _Stop(Exception):
@@ -185,6 +191,7 @@ class Supervisor:
         self.requests = 0
         self.denials = 0
         self.out_keep = {1: bytearray(), 2: bytearray()}
+        self.redact: tuple[str, ...] = ()
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -208,6 +215,7 @@ class Supervisor:
             raise BadInputError(f"workspace {workspace} lies inside the runs dir or the "
                                 "kernel home; choose another workspace")
         env = agentenv.build(o.policy, os.environ, o.env)
+        self.redact = tuple(env.redact)
         run_id = new_run_id()
         header = {
             "kernel_version": KERNEL_VERSION,
@@ -267,13 +275,15 @@ class Supervisor:
         o = self.opts
         initial = manifest.scan(ctx.workspace, exclude=ctx.hidden_rel)
         initial_digest = rec.write_manifest("initial", manifest.manifest_bytes(initial))
+        content, unstored = snapshot.store_initial(rec, ctx.workspace, initial, self.redact)
         rec.append("run.start", {
             "argv": list(o.argv), "program": program, "workspace": str(ctx.workspace),
             "policy_digest": ctx.policy.digest, "isolation": ctx.backend.name,
             "host_facts": _jsonable(facts),
         })
         rec.append("snapshot.initial", {"tree_digest": initial_digest,
-                                        "entries": len(initial)})
+                                        "entries": len(initial), "content": content,
+                                        "unstored": unstored})
 
         kernel_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
@@ -354,11 +364,15 @@ class Supervisor:
             "usage": {"syscalls": usage.syscalls, "bytes_written": usage.bytes_written,
                       "files_written": usage.files_written, "exec_count": usage.exec_count},
         }
+        gate = None
+        if o.after_agent is not None:
+            gate = o.after_agent(ctx, status, code)
+            summary["gate"] = gate
         rec.append("run.end", summary)
         seal = rec.seal(status, summary)
         return RunOutcome(run_id=ctx.run_id, run_dir=rec.run_dir, status=status,
                           exit_code=code, isolation=ctx.backend.name, breach=breach,
-                          seal=seal, requests=self.requests, denials=self.denials)
+                          seal=seal, requests=self.requests, denials=self.denials, gate=gate)
 
     def _trap_signals(self) -> tuple[Any, Any, Any]:
         def on_signal(signum: int, frame: object) -> None:
@@ -498,7 +512,9 @@ class Supervisor:
                 raise _Stop("protocol_error", f"the agent sent a bad frame: {e}") from None
             if frame is None:
                 return
-            chan.send(self._handle(frame))
+            answer = self._handle(frame)
+            failpoints.hit("answer.before_send")
+            chan.send(answer)
 
     def _handle(self, frame: dict[str, Any]) -> dict[str, Any]:
         """One request -> exactly one recorded decision -> one response."""

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernel import manifest
+from kernel import evidence, manifest
 from kernel.canonical import digest_of
 from kernel.context import RunContext
 from kernel.decide import Decision, ExecRequest, Grant, PathFacts, check_exec, deny, grant
@@ -116,8 +116,10 @@ def handle(ctx: RunContext, args: dict[str, Any], *, now_ns: int, request_digest
         decision, request, stdin = prepared, None, b""
     else:
         request, stdin = prepared
-        decision = check_exec(request, ctx.policy, ctx.ledger.usage, now_ns)
-    extra = {"resolved": request.resolved} if request is not None else None
+        usage = ctx.ledger.usage
+        decision = check_exec(request, ctx.policy, usage, now_ns)
+    extra = ({"resolved": request.resolved, "facts": evidence.exec_facts(request, usage)}
+             if request is not None else None)
     dseq = record_decision(ctx, decision, req=req, request_digest=request_digest,
                            now_ns=now_ns, extra=extra)
     if not decision.allowed or request is None:

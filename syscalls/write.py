@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kernel import failpoints
 from kernel.decide import Decision, Grant, PathFacts, WriteRequest, deny
 from kernel.manifest import Change
 from kernel.paths import (
@@ -329,11 +330,13 @@ def _put(dirfd: int, name: str, rel: str, content: bytes, mode: int | None,
         new_mode = DEFAULT_FILE_MODE if mode is None else mode
         owner = _owner_for_new(dirfd)
     tmp = _write_tmp(dirfd, content, new_mode, owner)
+    failpoints.hit("ws.tmp_written")
     try:
         renameat2(dirfd, tmp, dirfd, name, RENAME_NOREPLACE if op == "create" else 0)
     except BaseException:
         _unlink_quiet(dirfd, tmp)
         raise
+    failpoints.hit("ws.renamed")
     os.fsync(dirfd)
     return {"op": op, "path": rel, "digest": "sha256:" + hashlib.sha256(content).hexdigest(),
             "size": len(content)}
