@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kernel import approval_cli
 from kernel.errors import ExitCode, KernelError, NotFoundError, UsageError
 
 STATUS_EXIT = {
@@ -43,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exec", help="run an agent command under a policy",
                        description="Run CMD as the agent, cwd = the workspace, under the policy. "
                        "Exits 0 only when the run passes (docs/cli.md lists every code).")
-    e.add_argument("--policy", default="default", metavar="NAME|PATH",
-                   help="policy profile: a name in policies/ or a path (default: default)")
-    e.add_argument("--workspace", default=".", metavar="DIR",
-                   help="the workspace the agent sees read-only (default: current directory)")
+    e.add_argument("--policy", default=None, metavar="NAME|PATH",
+                   help="policy profile: a name in policies/ or a path (default: the task's, "
+                   "else default)")
+    e.add_argument("--workspace", default=None, metavar="DIR",
+                   help="the workspace the agent sees read-only (default: the task's, else the "
+                   "current directory)")
+    e.add_argument("--task", default=None, metavar="TASK_FILE",
+                   help="a task file (TOML): command, workspace, policy, verification commands "
+                   "and gate rules; exit 0 only when the gate passes")
     e.add_argument("--runs-dir", default="runs", metavar="DIR",
                    help="where run folders go (default: ./runs; hidden from the agent)")
     e.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -55,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the policy's isolation backend (recorded)")
     e.add_argument("--json", action="store_true",
                    help="print one JSON object at the end; agent output goes to stderr")
+    e.add_argument("--approve", choices=("prompt", "queue", "deny"), default=None,
+                   help="how protected actions are decided: prompt in this terminal, queue "
+                   "for `kernel approve` (default when stdin is not a terminal), or deny")
+    e.add_argument("--approve-key", metavar="FILE", default=None,
+                   help="prompt mode: your reviewer key (default: your only key)")
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
     v = sub.add_parser("verify", help="check a run folder's chain, digests, signatures, seal",
@@ -68,22 +79,138 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("key", help="show the kernel's public key (created on first use)")
     k.add_argument("--json", action="store_true")
+    _evidence_parsers(sub)
+    COMMANDS.update(approval_cli.register(sub))
     return p
+
+
+def _evidence_parsers(sub: Any) -> None:
+    """replay, recover, attest, show: the auditor's commands over run folders."""
+    r = sub.add_parser("replay", help="re-derive every decision and rebuild the workspace",
+                       description="Verify the run, then re-decide every recorded request with "
+                       "the recorded policy, facts and time, re-apply every recorded change to "
+                       "the initial workspace and require the recorded final tree. Exit 0 if "
+                       "identical; 21 at the first divergence (seq, expected, actual).")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a run id under ./runs)")
+    r.add_argument("--workspace", metavar="DIR", default=None,
+                   help="the initial workspace (needed only when the run did not store it); "
+                   "must match the initial manifest")
+    r.add_argument("--rerun-gates", action="store_true",
+                   help="re-run the task's verification commands, sandboxed, on the replayed "
+                   "workspace and compare the verifier report")
+    r.add_argument("--trust", action="append", default=[], metavar="PUBKEY_FILE",
+                   help="trusted kernel public key (repeatable; default: this host's key)")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    c = sub.add_parser("recover", help="seal a run cut short (kernel killed) as aborted",
+                       description="Seal a run folder that verifies as incomplete: a torn last "
+                       "line is kept as evidence, stray workspace temp files are removed and "
+                       "recorded, the final workspace is recorded, then run.end (aborted) and "
+                       "the seal. Needs this host's kernel key (the one that started the run).")
+    c.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a run id under ./runs)")
+    c.add_argument("--workspace", metavar="DIR", default=None,
+                   help="the run's workspace (default: the one recorded in run.json)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _trusted_keys(trust: list[str]) -> list[Any]:
+    from kernel import keys
+
+    if trust:
+        return [keys.load_public_key(Path(t)) for t in trust]
+    pub = keys.kernel_home() / "keys" / "kernel.pub"
+    if not pub.exists():
+        raise NotFoundError(f"no trusted key: {pub} does not exist",
+                            hint="pass --trust PUBKEY_FILE with the kernel key that sealed the "
+                            "run")
+    return [keys.load_public_key(pub)]
+
+
+def _cmd_replay(a: argparse.Namespace) -> int:
+    from kernel import replay
+
+    run_dir = _find_run(a.run_dir)
+    if a.workspace is not None and not Path(a.workspace).is_dir():
+        raise NotFoundError(f"workspace {a.workspace}: no such directory")
+    rep = replay.replay_run(run_dir, _trusted_keys(a.trust),
+                            workspace=Path(a.workspace) if a.workspace else None,
+                            rerun_gates=a.rerun_gates)
+    if a.json:
+        sys.stdout.write(json.dumps(rep.to_json(), sort_keys=True) + "\n")
+    else:
+        line = f"{run_dir}: replay {rep.status}"
+        if rep.divergence is not None:
+            line += f": first divergence at {rep.divergence}"
+        if rep.problem:
+            line += f": {rep.problem}"
+        sys.stdout.write(line + "\n")
+        if rep.status == replay.IDENTICAL:
+            sys.stdout.write(f"  {rep.events} events; {rep.rederived} decisions re-derived, "
+                             f"{rep.refusals} early refusals checked, {rep.applied} changes "
+                             f"re-applied; final tree {rep.final_tree_digest}\n")
+        for n in rep.notes:
+            sys.stdout.write(f"  note: {n}\n")
+    if rep.status == replay.IDENTICAL:
+        return int(ExitCode.OK)
+    if rep.status == replay.DIVERGED:
+        return int(ExitCode.REPLAY_DIVERGED)
+    if rep.verify_status == "incomplete":
+        return int(ExitCode.INCOMPLETE)
+    if rep.verify_status == "corrupt":
+        return int(ExitCode.INTEGRITY)
+    return int(ExitCode.BAD_INPUT)
+
+
+def _cmd_recover(a: argparse.Namespace) -> int:
+    from kernel import keys, recover
+
+    run_dir = _find_run(a.run_dir)
+    key = keys.load_or_create_kernel_key(keys.kernel_home())
+    rep = recover.recover_run(run_dir, key,
+                              workspace=Path(a.workspace) if a.workspace else None)
+    if a.json:
+        sys.stdout.write(json.dumps(rep.to_json(), sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(f"{run_dir}: sealed as {rep.status} ({rep.events_before} events "
+                         f"were intact")
+        sys.stdout.write(f"; torn tail of {rep.torn_tail} bytes kept as evidence"
+                         if rep.torn_tail else "")
+        sys.stdout.write(")\n")
+        for u in rep.unfinished:
+            sys.stdout.write(f"  unfinished: request {u['req']} allowed at seq {u['seq']} "
+                             "has no recorded result (the final tree shows its effect)\n")
+        for s in rep.stray_removed:
+            sys.stdout.write(f"  removed stray temp file {s} (kept as a blob)\n")
+    return int(ExitCode.OK)
 
 
 def _cmd_exec(a: argparse.Namespace) -> int:
     from kernel import agentenv, policy, supervisor
 
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    task = None
+    if a.task is not None:
+        from kernel import gates
+        from kernel import task as task_mod
+
+        task = task_mod.load(Path(a.task))
+        if cmd:
+            raise UsageError("kernel exec: give the agent command in the task file or after "
+                             "--, not both", hint="drop -- CMD, or drop --task")
+        cmd = list(task.command)
     if not cmd:
         raise UsageError("kernel exec: no agent command given",
                          hint="kernel exec [OPTIONS] -- CMD [ARG...]")
-    pol = policy.load(a.policy)
+    pol = policy.load(a.policy or (task.policy if task else "default"))
     env = agentenv.parse_env_args(a.env)
     out = sys.stderr.buffer if a.json else sys.stdout.buffer
+    workspace = Path(a.workspace) if a.workspace else (task.workspace if task else Path("."))
     outcome = supervisor.run(supervisor.ExecOptions(
-        argv=cmd, policy=pol, workspace=Path(a.workspace), runs_dir=Path(a.runs_dir), env=env,
-        isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer))
+        argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
+        isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
+        **approval_cli.exec_options(a),
+        after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task))
+        if task is not None else None))
     if a.json:
         sys.stdout.write(json.dumps(outcome.to_json(), sort_keys=True) + "\n")
     else:
@@ -93,6 +220,14 @@ def _cmd_exec(a: argparse.Namespace) -> int:
             f"{outcome.exit_code}{extra}; isolation {outcome.isolation}; "
             f"{outcome.requests} requests, {outcome.denials} denied)\n"
             f"kernel: run folder {outcome.run_dir}\n")
+        if outcome.gate is not None:
+            verdict = "passed" if outcome.gate["passed"] else "FAILED"
+            sys.stderr.write(f"kernel: gate {verdict}\n")
+            for r in outcome.gate["rules"]:
+                mark = "ok  " if r["passed"] else "FAIL"
+                sys.stderr.write(f"  {mark} {r['rule']}: {r['detail']}\n")
+    if outcome.gate is not None:
+        return int(ExitCode.OK if outcome.gate["passed"] else ExitCode.GATE_FAILED)
     return int(STATUS_EXIT.get(outcome.status, ExitCode.RUN_FAILED))
 
 
@@ -149,6 +284,7 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key}
+COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,17 @@ class ExitCode(enum.IntEnum):
     """The run was ended from outside (signal, ``kernel kill``)."""
     BAD_INPUT = 11
     """Some other input was invalid (a workspace that is not a directory, a bad --env)."""
+    APPROVAL_CLOSED = 12
+    """The approval request is no longer pending (already decided or expired); nothing changed."""
+    APPROVAL_REFUSED = 13
+    """A decision was refused: wrong key, bad signature, signed for another request or run, or
+    reused; nothing changed, and a live run records the refusal."""
+    BAD_KEY = 14
+    """A key or keyring file is malformed, unsafe (readable by others) or already exists."""
+    GATE_FAILED = 20
+    """The run completed but its gate failed (the gate report names each failed rule)."""
+    REPLAY_DIVERGED = 21
+    """Replay re-derived a different decision, effect or final tree (first divergence shown)."""
     INTERNAL = 70
     """A bug or an unexpected host failure in the kernel itself; the message says where."""
 
@@ -105,3 +116,23 @@ class NotFoundError(KernelError):
 
 class BadInputError(KernelError):
     exit_code = ExitCode.BAD_INPUT
+
+
+class BadKeyError(KernelError):
+    """A reviewer key or keyring that cannot be used."""
+
+    exit_code = ExitCode.BAD_KEY
+
+
+class ApprovalError(KernelError):
+    """Base of the approval errors (STYLE: unknown id, already decided, bad signature)."""
+
+    exit_code = ExitCode.APPROVAL_REFUSED
+
+
+class ApprovalClosedError(ApprovalError):
+    exit_code = ExitCode.APPROVAL_CLOSED
+
+
+class ApprovalRefusedError(ApprovalError):
+    exit_code = ExitCode.APPROVAL_REFUSED

@@ -1,0 +1,223 @@
+"""``kernel recover``: seal a run the kernel never finished (killed, power lost) as ``aborted``.
+
+What a crash can leave, and what recovery does with it:
+
+* **The log** ends at its last durable record, possibly followed by a torn line that was never
+  acknowledged (``append`` had not returned, so the agent was never answered). Nothing already
+  written is edited: ``RunRecorder.resume`` keeps the torn bytes as a blob and records
+  ``log.torn_tail``.
+* **The workspace** never holds a half-written file: every write goes to a fresh temp file that
+  is fsync'ed before it is renamed over its target. A crash between the two leaves the target
+  untouched plus a stray temp file named ``.kernel-tmp-<16 hex>``. Recovery removes such stray
+  files (only names of exactly that form that no recorded evidence mentions) and keeps their
+  content as blobs, named in the ``run.recovered`` event.
+* **Unfinished requests**: an allowed write whose result was never recorded may or may not have
+  taken effect. ``run.recovered`` lists them; the observed workspace (the final manifest written
+  now) decides, and ``kernel replay`` accepts either outcome only for those.
+* The exec scratch directories of the run (``$TMPDIR/agent-kernel-<run_id>-*``) are removed.
+
+Then ``run.end {status: "aborted"}`` (unless the log already ends with ``run.end``) and the seal.
+Every answer the agent got was sent only after its records were fdatasync'd, so nothing the agent
+was told succeeded is missing from the sealed folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernel import manifest
+from kernel.errors import BadInputError, RunIntegrityError
+from kernel.keys import KernelKey
+from kernel.paths import PathViolation, read_regular
+from kernel.recorder import LOG_FILE, MANIFESTS, RUN_JSON, RunRecorder
+from kernel.verify import CORRUPT, INTACT, verify_run
+
+STRAY_RE = re.compile(r"\.kernel-tmp-[0-9a-f]{16}")
+MAX_STRAY_KEPT = 64 << 20
+"""A stray temp file larger than this is removed but not kept as a blob (only its size)."""
+
+
+@dataclass
+class RecoverReport:
+    run_id: str
+    run_dir: Path
+    status: str
+    """The seal status: ``aborted`` (or the run's own status if it had ended)."""
+    events_before: int
+    torn_tail: int
+    """Bytes of a torn last line kept as evidence (0 if none)."""
+    unfinished: list[dict[str, Any]] = field(default_factory=list)
+    stray_removed: list[str] = field(default_factory=list)
+    scratch_removed: list[str] = field(default_factory=list)
+    final_tree_digest: str | None = None
+    seal: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
+                "events_before": self.events_before, "torn_tail": self.torn_tail,
+                "unfinished": self.unfinished, "stray_removed": self.stray_removed,
+                "scratch_removed": self.scratch_removed,
+                "final_tree_digest": self.final_tree_digest, "seal": self.seal}
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    data = (run_dir / LOG_FILE).read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def _unfinished(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Allowed write/exec decisions with no recorded result."""
+    open_: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for ev in events:
+        b = ev["body"]
+        key = (b.get("req"), b.get("request_digest"))
+        if ev["type"] == "syscall.decision" and b.get("decision") == "allowed":
+            open_[key] = {"seq": ev["seq"], "req": b.get("req"),
+                          "request_digest": b.get("request_digest"), "rule": b.get("rule")}
+        elif ev["type"] == "syscall.result":
+            open_.pop(key, None)
+    return sorted(open_.values(), key=lambda u: u["seq"])
+
+
+def _known_paths(run_dir: Path, events: list[dict[str, Any]]) -> set[str]:
+    known: set[str] = set()
+    init = run_dir / MANIFESTS["initial"]
+    if init.is_file():
+        known.update(json.loads(init.read_bytes()).get("entries", {}))
+    for ev in events:
+        if ev["type"] == "syscall.result" and ev["body"].get("ok"):
+            res = ev["body"].get("result") or {}
+            for k in ("path", "dest"):
+                if isinstance(res.get(k), str):
+                    known.add(res[k])
+    return known
+
+
+def _strays(workspace: Path, known: set[str], exclude: tuple[str, ...]) -> list[str]:
+    entries = manifest.scan(workspace, exclude=exclude)
+    return sorted(rel for rel, e in entries.items()
+                  if e.kind == "file" and STRAY_RE.fullmatch(rel.rsplit("/", 1)[-1])
+                  and rel not in known)
+
+
+def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
+                ) -> RecoverReport:
+    """Seal an incomplete run as aborted. Raises KernelError if it is sealed or corrupt."""
+    run_dir = Path(run_dir)
+    vr = verify_run(run_dir, [key.public])
+    if vr.status == INTACT:
+        raise BadInputError(f"{run_dir}: already sealed (intact); nothing to recover")
+    if vr.status == CORRUPT:
+        raise RunIntegrityError(f"{run_dir}: corrupt, not just incomplete: {vr.problem}",
+                                hint="recovery only seals a run cut short; a corrupt folder "
+                                "is kept as it is for investigation")
+    header = json.loads((run_dir / RUN_JSON).read_bytes())
+    before = _events(run_dir)
+    log_size = (run_dir / LOG_FILE).stat().st_size
+    ws = Path(workspace) if workspace is not None else (
+        Path(header["workspace"]) if isinstance(header.get("workspace"), str) else None)
+    if ws is not None and not ws.is_dir():
+        raise BadInputError(f"workspace {ws} of run {vr.run_id}: not a directory",
+                            hint="give the run's workspace with --workspace DIR")
+
+    rec = RunRecorder.resume(run_dir, key=key)
+    report = RecoverReport(run_id=rec.run_id, run_dir=run_dir, status="aborted",
+                           events_before=len(before), torn_tail=0)
+    end = sum(len(line) + 1 for line in
+              (run_dir / LOG_FILE).read_bytes().splitlines()[: len(before)])
+    report.torn_tail = max(log_size - end, 0)
+    try:
+        report.unfinished = _unfinished(before)
+        strays: list[dict[str, Any]] = []
+        if ws is not None:
+            for rel in _strays(ws, _known_paths(run_dir, before), _hidden(ws, run_dir)):
+                strays.append(_remove_stray(rec, ws, rel))
+                report.stray_removed.append(rel)
+        report.scratch_removed = _remove_scratch(rec.run_id)
+        ended = rec.last_type() == "run.end"
+        final_digest: str | None = None
+        if (run_dir / MANIFESTS["final"]).is_file():
+            from kernel.canonical import sha256_digest
+
+            final_digest = sha256_digest((run_dir / MANIFESTS["final"]).read_bytes())
+        elif ws is not None and not ended:
+            final = manifest.scan(ws, exclude=_hidden(ws, run_dir))
+            final_digest = rec.write_manifest("final", manifest.manifest_bytes(final))
+        report.final_tree_digest = final_digest
+        if not ended:
+            rec.append("run.recovered", {
+                "last_seq_before": len(before) - 1, "unfinished": report.unfinished,
+                "stray_tmp": strays, "scratch_removed": report.scratch_removed,
+                "observed_tree_digest": final_digest,
+                "detail": "the kernel stopped before sealing; sealed by kernel recover"})
+            initial = next((e["body"].get("tree_digest") for e in before
+                            if e["type"] == "snapshot.initial"), None)
+            rec.append("run.end", {"status": "aborted", "exit_code": None, "breach": None,
+                                   "final_tree_digest": final_digest,
+                                   "initial_tree_digest": initial,
+                                   "detail": "the run was cut short (kernel killed or host "
+                                   "stopped) and sealed by kernel recover"})
+            summary: dict[str, Any] = {"status": "aborted", "recovered": True,
+                                       "final_tree_digest": final_digest,
+                                       "unfinished": len(report.unfinished)}
+        else:
+            last = before[-1]["body"]
+            report.status = str(last.get("status") or "aborted")
+            summary = {**{k: v for k, v in last.items() if k != "gate"}, "recovered": True}
+        report.seal = rec.seal(report.status, summary)
+    finally:
+        rec.close()
+    return report
+
+
+def _hidden(ws: Path, run_dir: Path) -> tuple[str, ...]:
+    """The runs dir, if it lies inside the workspace, is not part of the workspace."""
+    try:
+        rel = run_dir.resolve().parent.relative_to(ws.resolve())
+    except ValueError:
+        return ()
+    return (rel.as_posix(),) if str(rel) != "." else ()
+
+
+def _remove_stray(rec: RunRecorder, ws: Path, rel: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": rel}
+    rootfd = os.open(ws, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            data = read_regular(rootfd, rel, MAX_STRAY_KEPT)
+            out["size"] = len(data)
+            out["content_blob"] = rec.put_blob(data)
+        except (OSError, PathViolation) as e:
+            out["not_kept"] = str(e)
+        parent, _, name = rel.rpartition("/")
+        dfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, dir_fd=rootfd) if parent else os.open(
+                          ws, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(name, dir_fd=dfd)
+                os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(rootfd)
+    return out
+
+
+def _remove_scratch(run_id: str) -> list[str]:
+    base = Path(tempfile.gettempdir())
+    removed = []
+    for p in sorted(base.glob(f"agent-kernel-{run_id}-*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
