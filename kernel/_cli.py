@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trust", action="append", default=[], metavar="PUBKEY_FILE",
                    help="trusted kernel public key (repeatable; default: this host's key)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--attestation", default=None, metavar="FILE",
+                   help="also check this in-toto/DSSE attestation of the run (default: "
+                   "RUN_DIR.intoto.json when it exists); an invalid one exits 5")
 
     k = sub.add_parser("key", help="show the kernel's public key (created on first use)")
     k.add_argument("--json", action="store_true")
@@ -111,6 +114,16 @@ def _evidence_parsers(sub: Any) -> None:
     c.add_argument("--workspace", metavar="DIR", default=None,
                    help="the run's workspace (default: the one recorded in run.json)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    t = sub.add_parser("attest", help="write a signed in-toto attestation of a sealed run",
+                       description="Write an in-toto Statement v1 (SLSA Provenance v1 "
+                       "predicate) naming every file of the intact run folder, in a DSSE "
+                       "envelope signed with this host's kernel key, to RUN_DIR.intoto.json "
+                       "(next to the folder) or --out FILE. `kernel verify` checks it.")
+    t.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a run id under ./runs)")
+    t.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write it (default: RUN_DIR.intoto.json)")
+    t.add_argument("--json", action="store_true", help="print {path, subjects} as JSON")
 
 
 def _trusted_keys(trust: list[str]) -> list[Any]:
@@ -159,6 +172,19 @@ def _cmd_replay(a: argparse.Namespace) -> int:
     if rep.verify_status == "corrupt":
         return int(ExitCode.INTEGRITY)
     return int(ExitCode.BAD_INPUT)
+
+
+def _cmd_attest(a: argparse.Namespace) -> int:
+    from kernel import attest, keys
+
+    run_dir = _find_run(a.run_dir)
+    key = keys.load_or_create_kernel_key(keys.kernel_home())
+    path = attest.attest_run(run_dir, key, Path(a.out) if a.out else None)
+    if a.json:
+        sys.stdout.write(json.dumps({"path": str(path), "keyid": key.keyid}) + "\n")
+    else:
+        sys.stdout.write(f"{path}\n")
+    return int(ExitCode.OK)
 
 
 def _cmd_recover(a: argparse.Namespace) -> int:
@@ -255,8 +281,11 @@ def _cmd_verify(a: argparse.Namespace) -> int:
                                 "sealed the run")
         trusted = [keys.load_public_key(pub)]
     report = verify.verify_run(run_dir, trusted)
+    att = _check_attestation(a, run_dir, trusted)
     if a.json:
-        sys.stdout.write(json.dumps(report.to_json(), sort_keys=True) + "\n")
+        out = report.to_json()
+        out["attestation"] = att.to_json() if att is not None else None
+        sys.stdout.write(json.dumps(out, sort_keys=True) + "\n")
     else:
         line = f"{run_dir}: {report.status}"
         if report.problem:
@@ -266,7 +295,25 @@ def _cmd_verify(a: argparse.Namespace) -> int:
             sys.stdout.write(f"  {report.events} events, sealed by {report.keyid}\n")
         for w in report.warnings:
             sys.stdout.write(f"  warning: {w}\n")
+        if att is not None:
+            sys.stdout.write(f"  attestation {att.path}: "
+                             + (f"valid, signed by {att.keyid}\n" if att.valid
+                                else f"INVALID: {att.problem}\n"))
+    if att is not None and not att.valid:
+        return int(ExitCode.INTEGRITY)
     return int(VERIFY_EXIT.get(report.status, ExitCode.INTEGRITY))
+
+
+def _check_attestation(a: argparse.Namespace, run_dir: Path, trusted: list[Any]) -> Any:
+    """The run's attestation (``--attestation FILE``, else ``RUN_DIR.intoto.json`` if present)."""
+    from kernel import attest
+
+    path = Path(a.attestation) if a.attestation else attest.sidecar_path(run_dir)
+    if a.attestation and not path.is_file():
+        raise NotFoundError(f"attestation {path}: no such file")
+    if not path.is_file():
+        return None
+    return attest.verify_attestation(run_dir, path, trusted)
 
 
 def _cmd_key(a: argparse.Namespace) -> int:
@@ -284,7 +331,7 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key}
-COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover})
+COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest})
 
 
 def main(argv: list[str] | None = None) -> int:

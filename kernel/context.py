@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernel.decide import Usage
 from kernel.policy import Policy
@@ -49,3 +49,9 @@ class RunContext:
     scratch_dir: Path
     """Kernel-private host directory for exec copies; never visible to the agent."""
     ledger: Ledger = field(default_factory=Ledger)
+    approvals: Any = None
+    """The run's ``kernel.approval_gate.Gate`` (None: protected actions cannot be approved)."""
+    request_seq: int = -1
+    """Seq of the ``syscall.request`` record being served (bound into approvals)."""
+    justification: str = ""
+    """The agent's ``justification`` for the request being served (shown to reviewers)."""

@@ -22,24 +22,65 @@ from kernel.policy import CommandRule, Policy
 
 ALLOWED = "allowed"
 DENIED = "denied"
+PENDING = "pending"
+"""Waits for reviewers: the decision carries the :class:`ApprovalNeed`."""
+APPROVED = "approved"
+"""Allowed after the approvals the policy asks for (recorded as evidence)."""
+EXPIRED = "expired"
+"""No reviewer decided before the policy's timeout: a denial."""
+
+
+@dataclass(frozen=True)
+class ApprovalNeed:
+    """What a pending request needs: ``threshold`` approvals by distinct keys of ``eligible``."""
+
+    threshold: int
+    eligible: tuple[tuple[str, str], ...]
+    """``(reviewer name, raw public key hex)`` of every reviewer who may decide."""
+    operator_may_approve: bool
+    timeout_seconds: int
+
+    def as_record(self) -> dict[str, object]:
+        return {"threshold": self.threshold,
+                "eligible": [{"name": n, "public_key": k} for n, k in self.eligible],
+                "operator_may_approve": self.operator_may_approve,
+                "timeout_seconds": self.timeout_seconds}
+
+
+@dataclass(frozen=True)
+class ApprovalOutcome:
+    """The recorded result of a wait: ``approved``, ``denied`` or ``expired`` (plus who/why)."""
+
+    outcome: str
+    reason: str = ""
+    approvals: tuple[int, ...] = ()
+    """Seqs of the ``approval.received`` records that approved."""
 
 
 @dataclass(frozen=True)
 class Decision:
     decision: str
-    """``allowed`` or ``denied``."""
+    """``allowed``, ``denied``, ``pending`` (then ``approved``, ``denied`` or ``expired``)."""
     rule: str
     """Id of the deciding rule (``protected:.git/**``, ``command:git-read``, ``quota.bytes``)."""
     reason: str
     errno: int = 0
+    need: ApprovalNeed | None = None
 
     @property
     def allowed(self) -> bool:
-        return self.decision == ALLOWED
+        return self.decision in (ALLOWED, APPROVED)
+
+    @property
+    def pending(self) -> bool:
+        return self.decision == PENDING
 
     def as_record(self) -> dict[str, object]:
-        return {"decision": self.decision, "rule": self.rule, "reason": self.reason,
-                "errno": self.errno}
+        rec: dict[str, object] = {"decision": self.decision, "rule": self.rule,
+                                  "reason": self.reason, "errno": self.errno}
+        if self.need is not None:
+            rec["approval"] = self.need.as_record()
+        return rec
 
 
 def deny(rule: str, reason: str, code: int = errno.EACCES) -> Decision:
@@ -151,6 +192,33 @@ def glob_matches(glob: str, rel: str) -> bool:
     return bool(_glob_re(glob).match(rel))
 
 
+def approval_need(policy: Policy, rule: str, what: str, threshold: int,
+                  approvers: Sequence[str], operator_may_approve: bool) -> Decision:
+    """The pending decision for an action that needs approval, or a denial when the policy
+    trusts too few eligible reviewer keys for it ever to be approved."""
+    eligible = tuple((r.name, r.public_key) for r in policy.trusted_reviewers()
+                     if not approvers or r.name in approvers)
+    if len(eligible) < threshold:
+        return deny(rule, f"{what}: needs approval by {threshold} reviewer(s), but the policy "
+                    f"trusts {len(eligible)} eligible reviewer key(s); refused")
+    need = ApprovalNeed(threshold, eligible, operator_may_approve,
+                        policy.approvals.timeout_seconds)
+    return Decision(PENDING, rule, f"{what}: waits for {threshold} reviewer approval(s)",
+                    errno.EACCES, need)
+
+
+def after_approval(pending: Decision, outcome: ApprovalOutcome | None) -> Decision | None:
+    """None when approved (later checks go on); else the final denial or the pending decision."""
+    if outcome is None:
+        return pending
+    if outcome.outcome == APPROVED:
+        return None
+    if outcome.outcome == EXPIRED:
+        return Decision(EXPIRED, pending.rule, f"no reviewer decided in time; {outcome.reason}",
+                        errno.EACCES)
+    return deny(pending.rule, f"denied by review: {outcome.reason}")
+
+
 def protected_rule(policy: Policy, rel: str) -> Decision | None:
     """The strictest protected rule matching ``rel`` (``deny`` beats ``approval``)."""
     hit: Decision | None = None
@@ -159,11 +227,9 @@ def protected_rule(policy: Policy, rel: str) -> Decision | None:
             if pr.action == "deny":
                 return deny(f"protected:{pr.glob}", f"{rel}: protected ({pr.reason})")
             if hit is None:
-                hit = deny(
-                    f"protected:{pr.glob}",
-                    f"{rel}: protected, needs a reviewer's approval ({pr.reason}); "
-                    "approvals are not available in this version, so it is refused",
-                )
+                hit = approval_need(policy, f"protected:{pr.glob}",
+                                    f"{rel}: protected ({pr.reason})", pr.approvals_required,
+                                    pr.approvers, pr.operator_may_approve)
     return hit
 
 
@@ -175,9 +241,15 @@ def _path_checks(facts: Sequence[PathFacts]) -> Decision | None:
     return None
 
 
-def check_write(req: WriteRequest, policy: Policy, usage: Usage, now_ns: int) -> Decision:
-    """Decide one ``write`` request (or one change captured from an ``exec``)."""
-    del now_ns  # no time-dependent rule yet; kept in the signature for replay
+def check_write(req: WriteRequest, policy: Policy, usage: Usage, now_ns: int,
+                approval: ApprovalOutcome | None = None) -> Decision:
+    """Decide one ``write`` request (or one change captured from an ``exec``).
+
+    A protected path with ``approval`` gives ``pending`` until ``approval`` (the recorded outcome
+    of the wait) is passed in; then ``approved`` if the later checks pass too.
+    """
+    del now_ns  # expiry is decided from recorded times by kernel/approvals.py
+    approved: Decision | None = None
     facts = [req.target] + ([req.dest] if req.dest is not None else [])
     bad = _path_checks(facts)
     if bad:
@@ -187,8 +259,13 @@ def check_write(req: WriteRequest, policy: Policy, usage: Usage, now_ns: int) ->
             return deny("path.root", "the workspace root itself cannot be changed", errno.EPERM)
     for f in facts:
         hit = protected_rule(policy, f.rel)
-        if hit:
+        if hit and not hit.pending:
             return hit
+        if hit and approved is None:
+            final = after_approval(hit, approval)
+            if final is not None:
+                return final
+            approved = hit
     if req.op in ("write", "create", "append") and req.new_size > policy.write.max_file_bytes:
         return deny("write.max_file_bytes",
                     f"{req.target.rel}: {req.new_size} bytes exceeds the "
@@ -205,6 +282,8 @@ def check_write(req: WriteRequest, policy: Policy, usage: Usage, now_ns: int) ->
         return deny("quota.files_written",
                     f"the quota of {policy.quotas.files_written} file changes is spent",
                     errno.EDQUOT)
+    if approved is not None:
+        return Decision(APPROVED, approved.rule, f"{req.target.rel}: approved by review")
     return Decision(ALLOWED, f"write.{req.op}", "allowed")
 
 
@@ -217,7 +296,8 @@ def _command_rule(req: ExecRequest, policy: Policy) -> CommandRule | None:
     return None
 
 
-def check_exec(req: ExecRequest, policy: Policy, usage: Usage, now_ns: int) -> Decision:
+def check_exec(req: ExecRequest, policy: Policy, usage: Usage, now_ns: int,
+               approval: ApprovalOutcome | None = None) -> Decision:
     """Decide one ``exec`` request: allowlist, argument rules, approval, quota."""
     del now_ns
     prog = req.argv[0] if req.argv else ""
@@ -242,14 +322,22 @@ def check_exec(req: ExecRequest, policy: Policy, usage: Usage, now_ns: int) -> D
     if req.cwd.violation is not None:
         r, reason, code = req.cwd.violation
         return deny(r, reason, code)
+    approved = False
     if rule.approval:
-        return deny(f"{rid}.approval",
-                    f"{rule.program} needs a reviewer's approval; approvals are not available "
-                    "in this version, so it is refused")
+        need = approval_need(policy, f"{rid}.approval", f"{rule.program}", rule.approvals_required,
+                             rule.approvers, rule.operator_may_approve)
+        if not need.pending:
+            return need
+        final = after_approval(need, approval)
+        if final is not None:
+            return final
+        approved = True
     if usage.exec_count + 1 > policy.quotas.exec_count:
         return deny("quota.exec_count",
                     f"the quota of {policy.quotas.exec_count} exec requests is spent",
                     errno.EDQUOT)
+    if approved:
+        return Decision(APPROVED, rid, f"{rule.program}: approved by review")
     return Decision(ALLOWED, rid, rule.reason or "allowlisted")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kernel import evidence
+from kernel import approval_gate, evidence
 from kernel.context import RunContext
 from kernel.decide import Decision, WriteRequest, check_write, grant
 from syscalls import abi
@@ -58,6 +58,16 @@ def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision
         dextra["facts"] = evidence.write_facts(request, usage)  # what replay re-decides from
     dseq = record_decision(ctx, decision, req=req, request_digest=request_digest,
                            now_ns=now_ns, extra=dextra)
+    if decision.pending and request is not None:
+        pending_request = request
+        decision, dseq = approval_gate.settle(
+            ctx, decision, pending_seq=dseq, req=req, request_digest=request_digest,
+            action=approval_gate.write_action(request, content),
+            preview=approval_gate.write_preview(ctx, request, content),
+            recheck=lambda outcome, now: check_write(pending_request, ctx.policy,
+                                                     ctx.ledger.usage, now, outcome),
+            extra={**(extra or {}),
+                   "facts": evidence.write_facts(request, ctx.ledger.usage)})
     if not decision.allowed or request is None:
         return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
                                         abi.DENIED), seq=dseq)

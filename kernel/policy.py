@@ -26,6 +26,7 @@ from kernel.errors import PolicyError
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RULE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+HEX_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _f(default: Any, doc: str, **extra: Any) -> Any:
@@ -114,11 +115,19 @@ class ProtectedPath:
     )
     action: str = _f(
         "deny",
-        "`deny`: refused. `approval`: needs a reviewer's signed approval (refused, with a reason "
-        "saying so, until approvals are available).",
+        "`deny`: refused. `approval`: the request waits for signed reviewer approvals "
+        "(`approvals_required` of them) until `[approvals] timeout_seconds`; expiry is a denial.",
         choices=("deny", "approval"),
     )
     reason: str = _f("", "Shown to the agent and recorded with every decision this rule makes.")
+    approvals_required: int = _f(1, "With `approval`: how many distinct reviewer keys must "
+                                 "approve (k of the n eligible).", min=1, max=16)
+    approvers: list[str] = _f([], "With `approval`: names of the reviewers (from "
+                              "`[[approvals.reviewers]]` or the keyring) who may decide; empty "
+                              "means every trusted reviewer.")
+    operator_may_approve: bool = _f(False, "With `approval`: whether an approval by the operator "
+                                    "who started the run (same uid, or one of that user's own "
+                                    "reviewer keys) counts.")
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,15 @@ class CommandRule:
                               max=86400)
     max_output_bytes: int = _f(1048576, "Cap on stdout and on stderr each; excess is cut off.",
                                min=0, max=1 << 30)
-    approval: bool = _f(False, "Needs a reviewer's approval (refused until approvals exist).")
+    approval: bool = _f(False, "Each run of this command waits for signed reviewer approvals "
+                        "first (see `[approvals]`).")
     reason: str = _f("", "Why this command is allowed; recorded with decisions.")
+    approvals_required: int = _f(1, "With `approval = true`: how many distinct reviewer keys "
+                                 "must approve.", min=1, max=16)
+    approvers: list[str] = _f([], "With `approval = true`: names of the reviewers who may "
+                              "decide; empty means every trusted reviewer.")
+    operator_may_approve: bool = _f(False, "With `approval = true`: whether the operator who "
+                                    "started the run may approve.")
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,28 @@ class WritePolicy:
 
 
 @dataclass(frozen=True)
+class Reviewer:
+    """A trusted reviewer: a name and an Ed25519 public key (`kernel keys export` prints one)."""
+
+    name: str = _f("", "Reviewer name, shown to operators and recorded with their decisions.")
+    public_key: str = _f("", "Raw Ed25519 public key, 64 lowercase hex digits.")
+
+
+@dataclass(frozen=True)
+class ApprovalsPolicy:
+    """Who may approve protected actions, and how long a request waits."""
+
+    timeout_seconds: int = _f(900, "How long a pending request waits for reviewers; then it "
+                              "expires (a recorded denial).", min=1, max=604800)
+    keyring: str = _f("", "Optional keyring file of more trusted reviewers (TOML with "
+                      "`[[reviewers]]` tables). A relative path is relative to the profile's "
+                      "directory; a leading `$KERNEL_HOME/` means the kernel home. Its bytes are "
+                      "recorded in the run folder. A missing file adds no reviewer.")
+    reviewers: list[Reviewer] = _f([], "Trusted reviewers listed inline, "
+                                   "`[[approvals.reviewers]]`.")
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole profile. ``raw`` and ``digest`` identify the exact bytes the run used."""
 
@@ -180,6 +218,11 @@ class Policy:
     commands: list[CommandRule] = _f([], "Command allowlist, `[[commands]]`.")
     quotas: Quotas = _f(Quotas(), "Quotas.")
     write: WritePolicy = _f(WritePolicy(), "Write bounds.")
+    approvals: ApprovalsPolicy = _f(ApprovalsPolicy(), "Approvals.")
+    keyring_reviewers: tuple[Reviewer, ...] = field(default=(), metadata={"internal": True})
+    """Reviewers read from ``approvals.keyring`` when the run starts (recorded as a blob)."""
+    keyring_source: str = field(default="", metadata={"internal": True})
+    keyring_raw: bytes | None = field(default=None, metadata={"internal": True}, repr=False)
     name: str = field(default="", metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
     raw: bytes = field(default=b"", metadata={"internal": True}, repr=False)
@@ -188,6 +231,19 @@ class Policy:
     def digest(self) -> str:
         """``sha256:<hex>`` of the exact profile bytes."""
         return "sha256:" + hashlib.sha256(self.raw).hexdigest()
+
+    def trusted_reviewers(self) -> tuple[Reviewer, ...]:
+        """Inline reviewers, then the keyring's (first entry of a name or key wins)."""
+        out: list[Reviewer] = []
+        names: set[str] = set()
+        keys: set[str] = set()
+        for r in (*self.approvals.reviewers, *self.keyring_reviewers):
+            if r.name in names or r.public_key in keys:
+                continue
+            names.add(r.name)
+            keys.add(r.public_key)
+            out.append(r)
+        return tuple(out)
 
 
 def _public_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -269,6 +325,17 @@ def _validate(p: Policy, file: str) -> None:
             raise PolicyError(file, key, f"{pr.glob!r}: a non-empty glob relative to the root")
         if any(part == ".." for part in pr.glob.split("/")):
             raise PolicyError(file, key, f"{pr.glob!r}: `..` has no meaning in a protected glob")
+    rnames: set[str] = set()
+    for i, r in enumerate(p.approvals.reviewers):
+        key = f"approvals.reviewers[{i}]"
+        if not RULE_ID_RE.match(r.name):
+            raise PolicyError(file, f"{key}.name", f"{r.name!r}: lowercase letters, digits, `._-`")
+        if r.name in rnames:
+            raise PolicyError(file, f"{key}.name", f"duplicate reviewer {r.name!r}")
+        rnames.add(r.name)
+        if not HEX_KEY_RE.fullmatch(r.public_key):
+            raise PolicyError(file, f"{key}.public_key",
+                              "expected 64 lowercase hex digits (a raw Ed25519 public key)")
     seen: set[str] = set()
     for i, c in enumerate(p.commands):
         key = f"commands[{i}]"
@@ -378,6 +445,8 @@ def reference_markdown() -> str:
     section(CommandRule, "[[commands]]")
     section(Quotas, "[quotas]")
     section(WritePolicy, "[write]")
+    section(ApprovalsPolicy, "[approvals]")
+    section(Reviewer, "[[approvals.reviewers]]")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -19,6 +19,7 @@ import errno
 import os
 import platform
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -31,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kernel import agentenv, bundle, dispatch, failpoints, keys, manifest, snapshot
+from kernel import agentenv, approval_gate, bundle, dispatch, failpoints, keys, manifest, snapshot
 from kernel.canonical import canonical_json, digest_of
 from kernel.context import RunContext
+from kernel.controlplane import control_dir
 from kernel.decide import check_quota_syscalls
 from kernel.errors import BadInputError, KernelError
 from kernel.paths import Workspace
@@ -69,6 +71,12 @@ class ExecOptions:
     """Kernel home (keys, client bundle); default ``keys.kernel_home()``."""
     relay_stdout: IO[bytes] | None = None
     relay_stderr: IO[bytes] | None = None
+    approve: str = "queue"
+    """How protected actions are decided: ``prompt``, ``queue`` or ``deny`` (docs/cli.md)."""
+    approve_key: Path | None = None
+    """Prompt mode: the operator's reviewer key file, used by a ``kernel approve`` child."""
+    tty_in: IO[str] | None = None
+    tty_out: IO[str] | None = None
     after_agent: Callable[[RunContext, str, int | None], dict[str, Any]] | None = None
     """Called once the agent has ended and the final manifest is written, before ``run.end``
     (``kernel exec --task`` runs the verification commands and the gate here); what it returns
@@ -191,6 +199,7 @@ class Supervisor:
         self.requests = 0
         self.denials = 0
         self.out_keep = {1: bytearray(), 2: bytearray()}
+        self._pumping: tuple[float, dict[int, int]] = (time.monotonic(), {})
         self.redact: tuple[str, ...] = ()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -209,7 +218,8 @@ class Supervisor:
         runs_dir = runs_dir.resolve()
         program = self._resolve_agent_program(o.argv[0], o.policy, workspace)
 
-        hidden_abs = [runs_dir, home.resolve()]
+        policy = approval_gate.load_keyring(o.policy, home)
+        hidden_abs = [runs_dir, home.resolve(), control_dir(runs_dir)]
         hidden_rel = tuple(r for r in (_inside(p, workspace) for p in hidden_abs) if r)
         if any(_inside(workspace, p) is not None for p in hidden_abs):
             raise BadInputError(f"workspace {workspace} lies inside the runs dir or the "
@@ -239,7 +249,7 @@ class Supervisor:
         ws = Workspace.open(workspace, view_root=str(workspace), hidden=hidden_rel)
         try:
             self.ctx = RunContext(
-                run_id=run_id, policy=o.policy, workspace=workspace,
+                run_id=run_id, policy=policy, workspace=workspace,
                 view_root=str(workspace), ws=ws, recorder=rec, backend=backend,
                 agent_env=dict(env.env), hidden_rel=hidden_rel,
                 hidden_abs=tuple(hidden_abs),
@@ -284,6 +294,9 @@ class Supervisor:
         rec.append("snapshot.initial", {"tree_digest": initial_digest,
                                         "entries": len(initial), "content": content,
                                         "unstored": unstored})
+        approval_gate.open_gate(ctx, self._pump, runs_dir=rec.run_dir.parent,
+                                home=o.home or keys.kernel_home(), mode=o.approve,
+                                approve_key=o.approve_key, tty_in=o.tty_in, tty_out=o.tty_out)
 
         kernel_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
@@ -370,6 +383,7 @@ class Supervisor:
             summary["gate"] = gate
         rec.append("run.end", summary)
         seal = rec.seal(status, summary)
+        approval_gate.close_gate(ctx, status, code, summary, seal)
         return RunOutcome(run_id=ctx.run_id, run_dir=rec.run_dir, status=status,
                           exit_code=code, isolation=ctx.backend.name, breach=breach,
                           seal=seal, requests=self.requests, denials=self.denials, gate=gate)
@@ -396,6 +410,7 @@ class Supervisor:
         sel.register(out_r, selectors.EVENT_READ, 1)
         sel.register(err_r, selectors.EVENT_READ, 2)
         open_pipes = {1, 2}
+        self._pumping = (started, {out_r: 1, err_r: 2})
         try:
             while True:
                 if time.monotonic() - started > wall:
@@ -441,6 +456,26 @@ class Supervisor:
                 self._record_leftover(chan.inbuf)
         finally:
             sel.close()
+
+    def _pump(self, timeout: float) -> None:
+        """While a request waits for reviewers: relay the agent's output and enforce its
+        limits (raises ``_Stop`` like the loop does)."""
+        ctx, sb = self.ctx, self.sandbox
+        assert ctx is not None and sb is not None
+        started, pipes = self._pumping
+        wall = ctx.policy.limits.wall_seconds
+        if time.monotonic() - started > wall:
+            raise _Stop("limit", f"wall-clock limit of {wall} s reached", "wall_seconds")
+        breach = sb.breach()
+        if breach is not None:
+            raise _Stop("limit", f"the sandbox breached its {breach} limit", breach)
+        if not pipes:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(pipes), [], [], timeout)
+        for src in ready:
+            if not self._relay(src, pipes[src]):
+                del pipes[src]  # EOF; the loop unregisters it on its next turn
 
     def _record_leftover(self, buf: bytearray) -> None:
         """Bytes the agent sent that were never served: whole frames sent as it ended, or a
@@ -513,6 +548,10 @@ class Supervisor:
             if frame is None:
                 return
             answer = self._handle(frame)
+            # Every record of this request is durable before the agent hears anything. (The
+            # decision's own fdatasync normally covered the request line already.)
+            assert self.ctx is not None
+            self.ctx.recorder.sync()
             failpoints.hit("answer.before_send")
             chan.send(answer)
 
@@ -538,8 +577,11 @@ class Supervisor:
         request_body: dict[str, Any] = {"req": rid, "call": call if isinstance(call, str) else None,
                                         "args": recorded_args}
         request_digest = digest_of(request_body)
-        seq = self.ctx_append("syscall.request", {**request_body, **blobs,
-                                                  "request_digest": request_digest})
+        # The request line is written now and made durable by the decision's fdatasync, which
+        # always follows before any effect or answer (one sync for both lines instead of two).
+        seq = ctx.recorder.append("syscall.request", {**request_body, **blobs,
+                                                      "request_digest": request_digest},
+                                  sync=False)
         now_ns = time.time_ns()
         if problem is not None:
             return self._deny(rid, seq, request_digest, now_ns,
@@ -556,6 +598,9 @@ class Supervisor:
             handler = exec_sys.handle
         else:
             handler = info_sys.handle
+        ctx.request_seq = seq
+        note = args.get("justification")
+        ctx.justification = note if isinstance(note, str) else ""
         out = handler(ctx, args, now_ns=now_ns, request_digest=request_digest, req=rid)
         if out.decision is not None and not out.decision.allowed:
             self.denials += 1

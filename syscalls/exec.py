@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernel import evidence, manifest
+from kernel import approval_gate, evidence, manifest
 from kernel.canonical import digest_of
 from kernel.context import RunContext
 from kernel.decide import Decision, ExecRequest, Grant, PathFacts, check_exec, deny, grant
@@ -122,6 +122,16 @@ def handle(ctx: RunContext, args: dict[str, Any], *, now_ns: int, request_digest
              if request is not None else None)
     dseq = record_decision(ctx, decision, req=req, request_digest=request_digest,
                            now_ns=now_ns, extra=extra)
+    if decision.pending and request is not None:
+        pending_request = request
+        decision, dseq = approval_gate.settle(
+            ctx, decision, pending_seq=dseq, req=req, request_digest=request_digest,
+            action=approval_gate.exec_action(request, stdin),
+            preview=approval_gate.exec_preview(ctx, request),
+            recheck=lambda outcome, now: check_exec(pending_request, ctx.policy,
+                                                    ctx.ledger.usage, now, outcome),
+            extra={"resolved": request.resolved,
+                   "facts": evidence.exec_facts(request, ctx.ledger.usage)})
     if not decision.allowed or request is None:
         return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
                                         abi.DENIED), seq=dseq)
