@@ -99,8 +99,9 @@ class Env:
         self.ws.mkdir()
         _open_up(self.ws)
         self.runs = self.tmp / "runs"
+        # PYTHONPATH: measure the kernel of this checkout, whatever the venv was installed from
         self.env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(self.tmp / "home"),
-                    "PYTHONDONTWRITEBYTECODE": "1"}
+                    "PYTHONPATH": str(ROOT)}
         text = (ROOT / "policies" / "default.toml").read_text()
         for k, v in (quotas or {}).items():
             import re
@@ -174,11 +175,12 @@ WRITER = """
 import os, sys, time, json
 from syscalls.client import Kernel
 k = Kernel.from_env()
-n = int(sys.argv[1]); data = os.urandom(4096); lat = []
+n = int(sys.argv[1]); data = bytearray(os.urandom(4096)); lat = []
 t0 = time.perf_counter()
 for i in range(n):
+    data[:8] = i.to_bytes(8, "little")  # new content each time: no blob is deduplicated
     t = time.perf_counter()
-    k.write(f"w/f{i % 64}.bin", data)
+    k.write(f"w/f{i % 64}.bin", bytes(data))
     lat.append(time.perf_counter() - t)
 total = time.perf_counter() - t0
 print("BENCH " + json.dumps({"total": total, "lat": lat}))
@@ -187,10 +189,11 @@ print("BENCH " + json.dumps({"total": total, "lat": lat}))
 
 def _plain_atomic(d: Path, n: int) -> tuple[float, list[float]]:
     dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    data = os.urandom(4096)
+    data = bytearray(os.urandom(4096))
     lat = []
     t0 = time.perf_counter()
     for i in range(n):
+        data[:8] = i.to_bytes(8, "little")
         t = time.perf_counter()
         fd = os.open(d / f".tmp{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)

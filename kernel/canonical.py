@@ -24,8 +24,26 @@ def _check(obj: Any, where: str = "$") -> None:
             _check(v, f"{where}[{i}]")
 
 
+def _clean(obj: Any) -> bool:
+    """True if ``obj`` holds no float and no non-string key (what :func:`_check` checks, without
+    building a path for every node: the hot path of every record)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str) or not _clean(v):
+                return False
+        return True
+    if isinstance(obj, list | tuple):
+        for v in obj:
+            if not _clean(v):
+                return False
+        return True
+    return not isinstance(obj, float)
+
+
 def canonical_json(obj: Any) -> bytes:
-    _check(obj)
+    if not _clean(obj):
+        _check(obj)  # raises, naming where the offending value is
+        raise TypeError("$: not serializable as canonical JSON")  # pragma: no cover
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 

@@ -12,6 +12,7 @@ names for humans and messages only: every trust decision compares full public ke
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import secrets
@@ -19,13 +20,40 @@ import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kernel.errors import BadInputError, NotFoundError
 
 KEY_FILE = "kernel.key"
 PUB_FILE = "kernel.pub"
+
+# The exact DER an Ed25519 key has in PKCS#8 (private) and SubjectPublicKeyInfo (public) form,
+# up to the raw 32 key bytes. Keys in exactly this form are read and written here without
+# importing cryptography's serialization package (about 8 ms of every `kernel exec`); anything
+# else goes through it.
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    b64 = base64.b64encode(der)
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return (f"-----BEGIN {label}-----\n".encode() + b"\n".join(lines)
+            + f"\n-----END {label}-----\n".encode())
+
+
+def _fast_private(data: bytes) -> Ed25519PrivateKey | None:
+    """The key if ``data`` is exactly the PKCS#8 PEM this module writes, else None."""
+    head, tail = b"-----BEGIN PRIVATE KEY-----\n", b"\n-----END PRIVATE KEY-----\n"
+    if not (data.startswith(head) and data.endswith(tail)):
+        return None
+    try:
+        der = base64.b64decode(data[len(head):-len(tail)], validate=True)
+    except ValueError:
+        return None
+    if len(der) != 48 or not der.startswith(_PKCS8_ED25519):
+        return None
+    return Ed25519PrivateKey.from_private_bytes(der[16:])
 
 
 def kernel_home() -> Path:
@@ -37,7 +65,7 @@ def kernel_home() -> Path:
 
 
 def raw_public(pub: Ed25519PublicKey) -> bytes:
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return pub.public_bytes_raw()
 
 
 def keyid_of(pub: Ed25519PublicKey) -> str:
@@ -63,10 +91,11 @@ class KernelKey:
         return self._private.sign(data)
 
     def public_pem(self) -> bytes:
-        return self.public.public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+        return _pem("PUBLIC KEY", _SPKI_ED25519 + self.public_bytes)
 
     def private_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self._private.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption())
@@ -122,6 +151,11 @@ def _load_private(path: Path) -> KernelKey:
         raise BadInputError(f"kernel key {path} is readable by others "
                             f"(mode {st.st_mode & 0o777:o})", hint=f"chmod 600 {path}")
     data = path.read_bytes()
+    fast = _fast_private(data)
+    if fast is not None:
+        return KernelKey(fast)
+    from cryptography.hazmat.primitives import serialization
+
     try:
         priv = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
@@ -178,6 +212,8 @@ def parse_public_key(data: bytes, where: str) -> Ed25519PublicKey:
             return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.decode("ascii")))
         except (ValueError, UnicodeDecodeError):
             pass
+    from cryptography.hazmat.primitives import serialization
+
     try:
         pub = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:

@@ -138,6 +138,41 @@ def iter_blob_refs(obj: Any, where: str = "body") -> Iterator[tuple[str, str]]:
             yield from iter_blob_refs(v, f"{where}[{i}]")
 
 
+def _collect_refs(obj: Any, out: list[str]) -> bool:
+    """The digests :func:`iter_blob_refs` yields, appended to ``out``, without building a JSON
+    path per node (every event goes through this). False if some blob key holds anything but
+    valid digests: the caller then runs :func:`iter_blob_refs` for the precise error."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if is_blob_key(k):
+                if v is not None:
+                    if not (isinstance(v, str) and DIGEST_RE.fullmatch(v)):
+                        return False
+                    out.append(v)
+            elif is_blob_list_key(k):
+                if not isinstance(v, list):
+                    return False
+                for d in v:
+                    if not (isinstance(d, str) and DIGEST_RE.fullmatch(d)):
+                        return False
+                    out.append(d)
+            elif isinstance(v, dict | list) and not _collect_refs(v, out):
+                return False
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, dict | list) and not _collect_refs(v, out):
+                return False
+    return True
+
+
+def blob_refs(body: Any) -> list[str]:
+    """Every blob digest an event body references (ValueError, naming where, if one is bad)."""
+    out: list[str] = []
+    if _collect_refs(body, out):
+        return out
+    return [d for _, d in iter_blob_refs(body)]
+
+
 def iter_digests(obj: Any) -> Iterator[str]:
     """Every ``sha256:<hex>`` string anywhere in a JSON value (used on manifests)."""
     if isinstance(obj, str):
@@ -301,6 +336,7 @@ class RunRecorder:
         self._manifest_refs: set[str] = set()
         self._state = "open"  # open | sealed | closed | failed
         self._failure: str | None = None
+        self._unsynced = 0  # lines appended with sync=False and not fdatasync'd since
 
     # ---- creation ----
 
@@ -456,14 +492,20 @@ class RunRecorder:
         return (digest in self._blobs or digest == self._policy_digest
                 or digest in self._manifests.values())
 
-    def append(self, type: str, body: dict[str, Any]) -> int:
-        """Append one event; returns its seq once the line is on disk (fdatasync'd)."""
+    def append(self, type: str, body: dict[str, Any], *, sync: bool = True) -> int:
+        """Append one event; returns its seq once the line is on disk (fdatasync'd).
+
+        With ``sync=False`` the line is written but not fdatasync'd yet: it becomes durable with
+        the next synced append or :meth:`sync` (one fdatasync covers every earlier line of the
+        log). Only for a record nothing depends on before that: no answer to the agent and no
+        effect may come in between (the kernel uses it for a request, whose decision follows).
+        """
         if not isinstance(type, str) or not type:
             raise ValueError("event type must be a non-empty string")
         if not isinstance(body, dict):
             raise ValueError("event body must be a dict")
         body = self._redactor.obj(body)
-        refs = [d for _, d in iter_blob_refs(body)]
+        refs = blob_refs(body)
         with self._lock:
             self._check_open()
             for d in refs:
@@ -489,8 +531,12 @@ class RunRecorder:
                 if n != len(line) + 1:
                     raise OSError(errno.EIO, f"short write ({n} of {len(line) + 1} bytes)")
                 failpoints.hit("log.after_write")
-                os.fdatasync(self._fd)
-                failpoints.hit("log.after_sync")
+                if sync:
+                    os.fdatasync(self._fd)
+                    self._unsynced = 0
+                    failpoints.hit("log.after_sync")
+                else:
+                    self._unsynced += 1
             except OSError as e:
                 raise self._fail(f"appending seq {seq}", e) from e
             self._head = hashlib.sha256(line).hexdigest()
@@ -499,6 +545,24 @@ class RunRecorder:
             self._last_type = type
             self._referenced.update(refs)
             return seq
+
+    def sync(self) -> None:
+        """Make every line appended so far durable (nothing to do when all already are)."""
+        with self._lock:
+            if not self._unsynced:
+                return
+            self._check_open()
+            assert self._fd is not None
+            try:
+                os.fdatasync(self._fd)
+                failpoints.hit("log.after_sync")
+            except OSError as e:
+                raise self._fail("syncing the log", e) from e
+            self._unsynced = 0
+
+    def unsynced(self) -> int:
+        """Lines appended with ``sync=False`` that are not durable yet."""
+        return self._unsynced
 
     # ---- manifests ----
 

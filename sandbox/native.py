@@ -553,6 +553,8 @@ class NativeBackend:
         facts["cgroup_mode"], facts["cgroup"] = cgroups.mode()
         if os.geteuid() != 0:
             facts["cgroup"] = "not used: the kernel is not root (rlimits only)"
+        if not missing:
+            cgroups.prewarm()  # the sandbox's cgroup join then costs ~0.1 ms instead of ~12
         return Availability(available=not missing, missing=missing, facts=facts)
 
     def start(self, spec: SandboxSpec) -> NativeSandboxed:
@@ -605,6 +607,7 @@ class NativeBackend:
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         launch = _Launch(spec, uid, gid, as_root, os.getpid(), plan, ll, loader, group, rl,
                          devnull, err_w, report_w)
+        cgroups.wait_prewarm()  # the kernel forks the sandbox single-threaded
         gc_was_enabled = gc.isenabled()
         gc.disable()  # no finalizer of the kernel's objects may run in the child
         try:

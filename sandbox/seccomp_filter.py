@@ -29,6 +29,7 @@ import errno
 import hashlib
 import tempfile
 from functools import cache
+from typing import Any
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -89,9 +90,40 @@ def summary() -> dict[str, list[str]]:
     }
 
 
+def _import_pyseccomp() -> Any:
+    """``import pyseccomp``, without the two ``ldconfig -p`` runs its import makes.
+
+    pyseccomp locates libc and libseccomp with ``ctypes.util.find_library``, which forks
+    ``ldconfig -p`` each time (about 9 ms of every ``kernel exec``). The sonames it would find
+    are tried first through the dynamic loader (the same search ldconfig's cache serves);
+    anything else falls back to the real lookup.
+    """
+    import ctypes.util
+
+    real = ctypes.util.find_library
+    sonames = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+    def quick(name: str) -> str | None:
+        so = sonames.get(name)
+        if so is not None:
+            try:
+                ctypes.CDLL(so)
+                return so
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = quick
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
+
+
 @cache
 def _compiled() -> tuple[bytes, tuple[str, ...]]:
-    import pyseccomp as sc
+    sc = _import_pyseccomp()
 
     f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
