@@ -446,6 +446,7 @@ class _Verifier:
         self.header()
         self.log(sealed)
         self.objects(sealed)
+        self.approvals(sealed)
         if not sealed:
             if self.events:
                 msg = (f"not sealed; {self.events} events intact up to seq {self.events - 1}")
@@ -457,6 +458,23 @@ class _Verifier:
         report = self.report(INTACT, None)
         report.seal_status = self.seal_status
         return report
+
+    def approvals(self, sealed: bool) -> None:
+        """Every approval re-checked against the recorded policy (kernel/approval_audit.py)."""
+        from kernel import approval_audit
+
+        data = self._read(LOG_FILE)
+        data = data[: data.rfind(b"\n") + 1]
+        if (b'"type":"approval.' not in data or b'"approval.requested"' not in data) and \
+                b'"decision":"pending"' not in data:
+            return  # no approval was ever asked for: nothing to re-check
+        events = [json.loads(line) for line in data.split(b"\n") if line]
+        assert self.run_id is not None
+        problem = approval_audit.check(
+            self.run_id, self._read(POLICY_FILE), events,
+            lambda d: self._read(blob_relpath(d)), sealed)
+        if problem is not None:
+            raise _Corrupt(f"{LOG_FILE}: {problem}")
 
     def report(self, status: str, problem: str | None) -> VerifyReport:
         return VerifyReport(status=status, problem=problem, run_id=self.run_id,
