@@ -39,11 +39,17 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from kernel.errors import BadInputError, NotFoundError
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+# What `kernel exec` does here (create the schema if missing, upsert its run's row) is plain
+# sqlite3: importing sqlite_utils costs about 50-80 ms, so it is imported only by the
+# reading/administration commands, on first use of `ControlPlane.db`.
+_SQL_TYPES = {str: "TEXT", int: "INTEGER"}
 
 DB_NAME = "control.db"
 PENDING = "pending"
@@ -84,7 +90,16 @@ class ControlPlane:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+        self._db: sqlite_utils.Database | None = None
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The sqlite_utils view of the connection (imported on first use)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     # ---- opening ----
 
@@ -135,11 +150,16 @@ class ControlPlane:
         self.close()
 
     def _schema(self) -> None:
-        self.db.table("runs").create(RUN_COLUMNS, pk="run_id", if_not_exists=True)
-        self.db.table("approvals").create(APPROVAL_COLUMNS, pk="id", if_not_exists=True)
-        self.db.table("signatures").create(SIGNATURE_COLUMNS, pk="id", if_not_exists=True)
-        self.db.table("approvals").create_index(["state"], if_not_exists=True)
-        self.db.table("signatures").create_index(["approval_id"], if_not_exists=True)
+        # The same tables and indexes sqlite_utils' create(..., if_not_exists=True) makes.
+        for table, columns, pk in (("runs", RUN_COLUMNS, "run_id"),
+                                   ("approvals", APPROVAL_COLUMNS, "id"),
+                                   ("signatures", SIGNATURE_COLUMNS, "id")):
+            cols = ",\n".join(f'   "{c}" {_SQL_TYPES[t]}' + (" PRIMARY KEY" if c == pk else "")
+                              for c, t in columns.items())
+            self.conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (\n{cols}\n)')
+        for table, col in (("approvals", "state"), ("signatures", "approval_id")):
+            self.conn.execute(f'CREATE INDEX IF NOT EXISTS "idx_{table}_{col}"\n'
+                              f'    ON "{table}" ("{col}")')
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -155,7 +175,16 @@ class ControlPlane:
     # ---- runs ----
 
     def upsert_run(self, row: dict[str, Any]) -> None:
-        self.db.table("runs").upsert(row, pk="run_id", alter=False)
+        """Insert the run's row, or update the given columns of an existing one."""
+        unknown = sorted(set(row) - set(RUN_COLUMNS))
+        if unknown or "run_id" not in row:
+            raise ValueError(f"runs row: unknown columns {unknown} or no run_id")
+        cols = list(row)
+        names = ", ".join(f'"{c}"' for c in cols)
+        update = ", ".join(f'"{c}" = excluded."{c}"' for c in cols if c != "run_id")
+        sql = (f'INSERT INTO "runs" ({names}) VALUES ({", ".join("?" for _ in cols)}) '  # noqa: S608 - fixed names
+               f'ON CONFLICT("run_id") DO ' + (f"UPDATE SET {update}" if update else "NOTHING"))
+        self.conn.execute(sql, tuple(row.values()))
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self.db.table("runs").rows_where(order_by="started"))

@@ -27,7 +27,6 @@ import tomllib
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kernel.errors import BadKeyError, NotFoundError, UsageError
@@ -65,6 +64,8 @@ def new_key(home: Path, name: str) -> ReviewerKey:
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     kpath = d / f"{name}.key"
+    from cryptography.hazmat.primitives import serialization  # not on the exec path (~8 ms)
+
     priv = Ed25519PrivateKey.generate()
     pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -98,6 +99,8 @@ def load_key(path: Path) -> ReviewerKey:
     if st.st_mode & 0o077:
         raise BadKeyError(f"reviewer key {path} is readable by others (mode "
                           f"{st.st_mode & 0o777:o})", hint=f"chmod 600 {path}")
+    from cryptography.hazmat.primitives import serialization  # not on the exec path (~8 ms)
+
     try:
         priv = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
