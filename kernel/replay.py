@@ -164,11 +164,14 @@ class _Replayer:
 
     # ---- the walk ----
 
-    def run(self) -> None:
+    def run(self, initial_digest: str) -> None:
         self.ws = Workspace.open(self.tree, view_root=str(self.tree))
         try:
             for ev in self.events:
                 t = ev["type"]
+                if t == "snapshot.initial" and ev["body"].get("tree_digest") != initial_digest:
+                    raise _diverge(ev["seq"], "snapshot.initial tree_digest vs initial/tree.json",
+                                   ev["body"].get("tree_digest"), initial_digest)
                 if t == "syscall.request":
                     self.on_request(ev)
                 elif t == "syscall.decision":
@@ -221,8 +224,22 @@ class _Replayer:
         now_ns = b.get("now_ns")
         if type(now_ns) is not int:
             raise _diverge(seq, "recorded time now_ns", "an integer", now_ns)
-        d = (check_write(req, self.policy, self.usage, now_ns) if isinstance(req, WriteRequest)
-             else check_exec(req, self.policy, self.usage, now_ns))
+        if "pending_seq" in b and "approval_outcome" not in b:
+            # settled without any approval channel: the pending decision's rule, denied
+            pend = self.events[b["pending_seq"]]["body"] if isinstance(
+                b.get("pending_seq"), int) and 0 <= b["pending_seq"] < seq else {}
+            got = ("denied", pend.get("rule"), recorded[2])
+            if pend.get("decision") != "pending" or got != recorded:
+                raise _diverge(seq, "denial of a pending request with no approval channel",
+                               list(recorded), list(got))
+            self.report.rederived += 1
+            return
+        if "approval_outcome" in b:
+            d = self._after_approval(req, b, now_ns)
+        else:
+            d = (check_write(req, self.policy, self.usage, now_ns)
+                 if isinstance(req, WriteRequest)
+                 else check_exec(req, self.policy, self.usage, now_ns))
         got = (d.decision, d.rule, d.errno)
         if got != recorded:
             raise _diverge(seq, "decision (decision, rule, errno)", list(recorded), list(got))
@@ -247,6 +264,21 @@ class _Replayer:
                 raise _diverge(seq, "content size (blob vs recorded facts)", req.payload_bytes,
                                len(content))
         self.pending[(b.get("req"), b.get("request_digest"))] = (seq, req, content, d)
+
+    def _after_approval(self, req: WriteRequest | ExecRequest, b: dict[str, Any],
+                        now_ns: int) -> Decision:
+        """Re-decide a settled approval with the recorded outcome of the wait.
+
+        The outcome (approved, denied, expired) is taken from the record; the reviewer
+        signatures behind it are checked by the approval verifier, not here.
+        """
+        from kernel import decide
+
+        outcome = decide.ApprovalOutcome(
+            str(b["approval_outcome"]), "", tuple(b.get("approvals") or ()))
+        check: Any = check_write if isinstance(req, WriteRequest) else check_exec
+        result: Decision = check(req, self.policy, self.usage, now_ns, approval=outcome)
+        return result
 
     def perform(self, req: WriteRequest, content: bytes, d: Decision) -> dict[str, Any]:
         from syscalls import write as write_sys  # the kernel's own effect code
@@ -372,7 +404,7 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
                                f"{manifest.tree_digest(rebuilt)} ("
                                f"{_first_difference(initial['entries'], json.loads(manifest.manifest_bytes(rebuilt))['entries'])})")  # noqa: E501
             r = _Replayer(run_dir, policy, events, tree, report)
-            r.run()
+            r.run(sha256_digest(initial_bytes))
             _check_final(r, events, final_bytes, final, report)
             _check_gate(events, policy)
             report.status = IDENTICAL
@@ -404,7 +436,8 @@ def _check_final(r: _Replayer, events: list[dict[str, Any]], final_bytes: bytes,
     if recorded_end is not None and recorded_end != want:
         raise _diverge(events[-1]["seq"], "run.end final_tree_digest vs final/tree.json",
                        recorded_end, want)
-    unfinished = r.finish_unfinished()
+    recovered = any(e["type"] == "run.recovered" for e in events)
+    unfinished = r.finish_unfinished() if recovered else []
     report.unfinished = len(unfinished)
     rebuilt = manifest.scan(r.tree)
     got = manifest.tree_digest(rebuilt)
