@@ -189,6 +189,92 @@ def agent_ids() -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# The probe's smoke test, cached per boot
+#
+# The probe starts one real sandbox and checks from inside that firejail confined it (about
+# 200 ms, which every `kernel exec` with this backend paid once). A *passed* result is kept in
+# the kernel home, keyed by everything it depends on: the boot, the kernel release, the
+# firejail binary and the helper tools (path, inode, size, mtime, mode, owner), firejail's
+# config and users files, this module's source, the extra filter and the agent ids. Any change
+# to any of those, or a new boot, runs the smoke test again; a failure is never cached. The
+# cache lives beside the kernel's private key (same owner, mode 0700): whoever can write it can
+# also read that key.
+
+SMOKE_CACHE = "cache/firejail-smoke.json"
+
+
+def _smoke_key(bins: Mapping[str, str], uid: int, gid: int, extra_digest: str) -> str:
+    h = hashlib.sha256()
+    parts: list[str] = [platform.release(), str(uid), str(gid), extra_digest]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append(f"no-boot-id-{time.time_ns()}")  # never matches: no caching
+    for name in sorted(bins):
+        st = os.stat(bins[name])
+        parts.append(f"{name}={bins[name]}:{st.st_dev}:{st.st_ino}:{st.st_size}:"
+                     f"{st.st_mtime_ns}:{st.st_mode}:{st.st_uid}")
+    for path in ("/etc/firejail/firejail.config", "/etc/firejail/firejail.users", __file__):
+        try:
+            parts.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except OSError:
+            parts.append(f"{path}:absent")
+    h.update("\0".join(parts).encode())
+    return h.hexdigest()
+
+
+def _smoke_cache_path() -> Path | None:
+    from kernel.keys import kernel_home
+
+    if os.geteuid() != 0:
+        return None
+    return kernel_home() / SMOKE_CACHE
+
+
+def _smoke_cache_get(key: str) -> str | None:
+    """When the smoke test passed with this key (this boot), or None."""
+    path = _smoke_cache_path()
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        dst = os.stat(path.parent, follow_symlinks=False)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.geteuid()
+                or dst.st_mode & 0o077):
+            return None
+        text = os.read(fd, 4096).decode(errors="replace").split()
+    finally:
+        os.close(fd)
+    if len(text) == 2 and text[0] == key:
+        return text[1]
+    return None
+
+
+def _smoke_cache_put(key: str) -> None:
+    path = _smoke_cache_path()
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, f"{key} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+                     .encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
 # The generated profile
 
 
@@ -628,9 +714,17 @@ class FirejailBackend:
             except (OSError, ImportError) as e:
                 missing.append(f"cannot compile the extra seccomp filter: {e}")
         if not missing:
-            problem = self._smoke()
-            if problem:
-                missing.append(problem)
+            key = _smoke_key(self._bin, uid, gid, facts.get("seccomp_extra_digest", ""))
+            cached = _smoke_cache_get(key)
+            if cached is not None:
+                facts["smoke_test"] = f"passed (result cached this boot, at {cached})"
+            else:
+                problem = self._smoke()
+                if problem:
+                    missing.append(problem)
+                else:
+                    facts["smoke_test"] = "passed"
+                    _smoke_cache_put(key)
         return Availability(not missing, missing, facts)
 
     def _smoke(self) -> str:
