@@ -125,6 +125,16 @@ def _evidence_parsers(sub: Any) -> None:
                    help="where to write it (default: RUN_DIR.intoto.json)")
     t.add_argument("--json", action="store_true", help="print {path, subjects} as JSON")
 
+    s = sub.add_parser("show", help="a run as a readable timeline, with lineage and totals",
+                       description="Verify the run folder, then print each request with its "
+                       "decision(s), rule, approvals and effect, the changes captured from each "
+                       "exec, the other events in order, and totals. Secrets are redacted as "
+                       "everywhere (the record never holds them).")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a run id under ./runs)")
+    s.add_argument("--trust", action="append", default=[], metavar="PUBKEY_FILE",
+                   help="trusted kernel public key (repeatable; default: this host's key)")
+    s.add_argument("--json", action="store_true", help="print the timeline as JSON")
+
 
 def _trusted_keys(trust: list[str]) -> list[Any]:
     from kernel import keys
@@ -172,6 +182,18 @@ def _cmd_replay(a: argparse.Namespace) -> int:
     if rep.verify_status == "corrupt":
         return int(ExitCode.INTEGRITY)
     return int(ExitCode.BAD_INPUT)
+
+
+def _cmd_show(a: argparse.Namespace) -> int:
+    from kernel import show
+
+    run_dir = _find_run(a.run_dir)
+    view, status = show.show_run(run_dir, _trusted_keys(a.trust))
+    if a.json:
+        sys.stdout.write(json.dumps({"verify_status": status, **view}, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(show.render(view, status))
+    return int(ExitCode.OK)
 
 
 def _cmd_attest(a: argparse.Namespace) -> int:
@@ -331,7 +353,8 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key}
-COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest})
+COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest,
+                 "show": _cmd_show})
 
 
 def main(argv: list[str] | None = None) -> int:
