@@ -33,6 +33,8 @@ attempt("missing", lambda: k.delete("nope.txt"))
 k.delete("sub/b.txt")
 attempt("exec", lambda: k.exec(["python3", "-c", "open('made.txt','w').write('by exec')"]))
 attempt("rm", lambda: k.exec(["rm", "-rf", "x"]))
+k.info()
+attempt("badinfo", lambda: k.call("info", {"x": 1}))
 k.write("last.txt", b"end\\n")
 """
 
