@@ -480,3 +480,9 @@ def close_gate(ctx: Any, status: str, code: int | None, summary: dict[str, Any],
         gate.cp.close()
     except Exception:  # noqa: S110 - the folder is the record; `kernel reconcile` repairs
         pass
+
+
+def answer(decision: Decision) -> str:
+    """The ``decision`` value the agent is told for a refused request: ``denied``, or
+    ``expired`` when no reviewer decided in time."""
+    return EXPIRED if decision.decision == EXPIRED else DENIED

@@ -53,7 +53,7 @@ from kernel.canonical import canonical_json
 APPROVAL_FORMAT = "agent-kernel/approval/v1"
 APPROVAL_SIG_DOMAIN = b"agent-kernel/approval/v1\n"
 APPROVE, DENY = "approve", "deny"
-BINDING_FIELDS = ("approval_id", "run_id", "request_seq", "approval_seq", "request_digest",
+BINDING_FIELDS = ("run_id", "approval_id", "request_seq", "approval_seq", "request_digest",
                   "action_digest", "policy_digest", "nonce", "issued_ns", "expires_ns")
 PAYLOAD_FIELDS = frozenset({"format", *BINDING_FIELDS, "decision", "reason", "reviewer",
                             "reviewer_uid", "signed_ns"})

@@ -70,7 +70,7 @@ def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision
                    "facts": evidence.write_facts(request, ctx.ledger.usage)})
     if not decision.allowed or request is None:
         return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
-                                        abi.DENIED), seq=dseq)
+                                        approval_gate.answer(decision)), seq=dseq)
     try:
         result = write_sys.perform(grant(decision, request), ctx.ws, content)
     except OSError as e:

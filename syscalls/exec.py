@@ -134,7 +134,7 @@ def handle(ctx: RunContext, args: dict[str, Any], *, now_ns: int, request_digest
                    "facts": evidence.exec_facts(request, ctx.ledger.usage)})
     if not decision.allowed or request is None:
         return Outcome(decision, error=(decision.errno, decision.reason, decision.rule,
-                                        abi.DENIED), seq=dseq)
+                                        approval_gate.answer(decision)), seq=dseq)
     ctx.ledger.debit(exec_count=1)
     result = perform(grant(decision, request), ctx, stdin, req=req,
                      request_digest=request_digest, now_ns=now_ns)
