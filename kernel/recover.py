@@ -29,6 +29,7 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,38 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
     finally:
         rec.close()
     return report
+
+
+def check_torn_tail_records(log: bytes, read_blob: Callable[[str], bytes]) -> str | None:
+    """The first problem with the ``log.torn_tail`` records of a log, or None.
+
+    Recovery cuts a torn last line at byte ``offset`` and records it right there, so the record
+    must start at exactly ``offset`` (nothing came between), appear at most once, and its blob
+    must be ``length`` bytes without a newline (a torn *line*).
+    """
+    seen = 0
+    pos = 0
+    for line in log.split(b"\n")[:-1]:
+        if b'"type":"log.torn_tail"' in line:
+            ev = json.loads(line)
+            seq, b = ev["seq"], ev["body"]
+            if ev["type"] == "log.torn_tail":
+                seen += 1
+                if seen > 1:
+                    return f"seq {seq}: a second log.torn_tail (a run is recovered once)"
+                if b.get("offset") != pos:
+                    return (f"seq {seq}: log.torn_tail says the torn line was at byte "
+                            f"{b.get('offset')!r}, but this record starts at byte {pos}")
+                try:
+                    torn = read_blob(str(b.get("torn_tail_blob")))
+                except (OSError, KeyError):
+                    return f"seq {seq}: the torn tail's blob cannot be read"
+                if len(torn) != b.get("length") or b"\n" in torn or not torn:
+                    return (f"seq {seq}: log.torn_tail length {b.get('length')!r} does not "
+                            f"describe its blob ({len(torn)} bytes"
+                            + (", holding a newline)" if b"\n" in torn else ")"))
+        pos += len(line) + 1
+    return None
 
 
 def _hidden(ws: Path, run_dir: Path) -> tuple[str, ...]:

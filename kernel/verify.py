@@ -447,6 +447,7 @@ class _Verifier:
         self.log(sealed)
         self.objects(sealed)
         self.approvals(sealed)
+        self.torn_tails()
         if not sealed:
             if self.events:
                 msg = (f"not sealed; {self.events} events intact up to seq {self.events - 1}")
@@ -458,6 +459,17 @@ class _Verifier:
         report = self.report(INTACT, None)
         report.seal_status = self.seal_status
         return report
+
+    def torn_tails(self) -> None:
+        """A ``log.torn_tail`` record must describe exactly the bytes recovery cut (§10)."""
+        from kernel.recover import check_torn_tail_records
+
+        data = self._read(LOG_FILE)
+        if b'"type":"log.torn_tail"' not in data:
+            return
+        problem = check_torn_tail_records(data, lambda d: self._read(blob_relpath(d)))
+        if problem is not None:
+            raise _Corrupt(f"{LOG_FILE}: {problem}")
 
     def approvals(self, sealed: bool) -> None:
         """Every approval re-checked against the recorded policy (kernel/approval_audit.py)."""

@@ -586,3 +586,77 @@ def test_every_pair_of_lines_swapped(run: Path, key: KernelKey) -> None:
 
 def test_sealed_fixture_modes(sealed: Path) -> None:
     assert stat.S_IMODE(os.stat(sealed / LOG).st_mode) == 0o444
+
+
+# ---- cases 4, 10 and 12 (with a run recovered from a torn tail for case 10) ----
+
+
+def test_04_forged_event_inserted_with_chain_recomputed(run: Path, key: KernelKey) -> None:
+    evs = events(run)
+    evs.insert(2, {"v": 1, "seq": 0, "run_id": "run-t", "ts": evs[1]["ts"],
+                   "type": "syscall.decision", "prev": "", "body": {"decision": "allowed"}})
+    rechain(run, evs)  # a consistent chain, but the seal still holds the old count and head
+    check(run, key, "SEAL.json")
+
+
+def test_12_ts_going_backwards_is_a_warning(run: Path, key: KernelKey) -> None:
+    evs = events(run)
+    evs[2]["ts"], evs[3]["ts"] = evs[3]["ts"], "2000-01-01T00:00:00.000000Z"
+    rechain(run, evs)
+    reseal(run, key)
+    rep = check(run, key, status="intact")
+    assert any("ts goes backwards" in w for w in rep.warnings), rep.warnings
+
+
+@pytest.fixture
+def recovered(tmp_path: Path, key: KernelKey) -> Path:
+    """A run whose kernel died mid-line, resumed and sealed as aborted."""
+    rec = RunRecorder.create(tmp_path / "runs", run_id="run-r", header={}, policy_raw=POLICY,
+                             key=key)
+    rec.append("run.start", {})
+    rec.append("syscall.request", {"req": 1})
+    rec.close()
+    with open(rec.run_dir / LOG, "ab") as f:
+        f.write(b'{"body":{"req":1,"half')
+    again = RunRecorder.resume(rec.run_dir, key=key)
+    again.append("run.end", {"status": "aborted"})
+    again.seal("aborted", {})
+    return writable(rec.run_dir, tmp_path / "copy")
+
+
+def test_10_recovered_torn_tail_is_intact(recovered: Path, key: KernelKey) -> None:
+    rep = check(recovered, key, status="intact")
+    assert rep.seal_status == "aborted"
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("offset", 3, "torn line was at byte 3"),
+    ("length", 5, "does not describe its blob"),
+])
+def test_10_torn_tail_record_that_lies(recovered: Path, key: KernelKey, field: str,
+                                       value: int, needle: str) -> None:
+    evs = events(recovered)
+    torn = next(e for e in evs if e["type"] == "log.torn_tail")
+    torn["body"][field] = value
+    rechain(recovered, evs)
+    reseal(recovered, key)
+    check(recovered, key, needle)
+
+
+def test_10_torn_tail_record_pointing_at_another_blob(recovered: Path, key: KernelKey) -> None:
+    evs = events(recovered)
+    torn = next(e for e in evs if e["type"] == "log.torn_tail")
+    evs.insert(1, {"v": 1, "seq": 0, "run_id": "run-r", "ts": evs[0]["ts"], "type": "x",
+                   "prev": "", "body": {"a_blob": torn["body"]["torn_tail_blob"]}})
+    rechain(recovered, evs)  # everything after the insert moved: the offset no longer fits
+    reseal(recovered, key)
+    check(recovered, key, "log.torn_tail says the torn line was at byte")
+
+
+def test_10_second_torn_tail_record(recovered: Path, key: KernelKey) -> None:
+    evs = events(recovered)
+    i = next(i for i, e in enumerate(evs) if e["type"] == "log.torn_tail")
+    evs.insert(i + 1, json.loads(json.dumps(evs[i])))
+    rechain(recovered, evs)
+    reseal(recovered, key)
+    check(recovered, key, "log.torn_tail")
