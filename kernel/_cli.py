@@ -173,6 +173,19 @@ def _cmd_replay(a: argparse.Namespace) -> int:
                              f"re-applied; final tree {rep.final_tree_digest}\n")
         for n in rep.notes:
             sys.stdout.write(f"  note: {n}\n")
+        if rep.gates is not None:
+            g = rep.gates
+            if g.get("same") is None:
+                sys.stdout.write(f"  gates: {g.get('detail')}\n")
+            else:
+                for row in g.get("rerun") or []:
+                    sys.stdout.write(f"  re-ran verification {row['name']}: exit "
+                                     f"{row['exit_code']}"
+                                     + (" (timed out)" if row.get("timed_out") else "") + "\n")
+                verdict = (g.get("gate_rerun") or {}).get("passed")
+                sys.stdout.write(f"  verifier report {'same' if g['same'] else 'DIFFERENT'}; "
+                                 f"gate on the replayed tree: "
+                                 f"{'passed' if verdict else 'failed'}\n")
     if rep.status == replay.IDENTICAL:
         return int(ExitCode.OK)
     if rep.status == replay.DIVERGED:

@@ -125,3 +125,36 @@ def test_gate_report_rewritten_and_resealed_diverges_on_replay(tmp_path: Path) -
     assert rep.status == "diverged"
     assert rep.divergence is not None and rep.divergence.seq == rep_ev["seq"]
     assert "gate report" in rep.divergence.what
+
+
+def test_verifier_report_rewritten_consistently_is_caught_by_rerun_gates(
+        tmp_path: Path) -> None:
+    """An insider turns a failed verification into a pass and re-derives the gate report from
+    the forged evidence: plain replay cannot tell (the report follows from the record), re-running
+    the verification commands on the replayed workspace does."""
+    from kernel import gates
+    from kernel.policy import load_bytes
+
+    code, out, _, home = run_task(tmp_path, agent=AGENT.replace("a + b", "a - b"))
+    assert code == ExitCode.GATE_FAILED
+    key = keys.load_or_create_kernel_key(home)
+    copy = writable(Path(out["run_dir"]), tmp_path / "copy")
+    evs = events(copy)
+    unit = next(e for e in evs if e["type"] == "verification.result"
+                and e["body"]["name"] == "unit")
+    unit["body"]["exit_code"] = 0
+    task = gates.task_from_record(next(e for e in evs if e["type"] == "gate.task")["body"])
+    policy = load_bytes((copy / "policy.toml").read_bytes(), source="policy.toml")
+    rep_ev = next(e for e in evs if e["type"] == "gate.report")
+    rep_ev["body"] = gates.evaluate(policy, task, gates.evidence_from_events(
+        evs[: rep_ev["seq"]]))
+    assert rep_ev["body"]["passed"] is True
+    evs[-1]["body"]["gate"] = rep_ev["body"]
+    rechain(copy, evs)
+    reseal(copy, key)
+    assert verify_run(copy, [key.public]).status == "intact"
+    assert replay_run(copy, [key.public]).status == "identical"
+    rep = replay_run(copy, [key.public], rerun_gates=True)
+    assert rep.status == "diverged", rep.to_json()
+    assert rep.divergence is not None and "verifier report" in rep.divergence.what
+    assert rep.gates is not None and rep.gates["gate_rerun"]["passed"] is False
