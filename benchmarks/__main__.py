@@ -24,6 +24,7 @@ whose program is missing is skipped, and the output says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -322,14 +323,17 @@ def bench_execsys(n: int, rounds: int) -> None:
 
 INFOER = """
 import sys, json
-from syscalls.client import Kernel
+from syscalls.client import Kernel, SyscallError
 k = Kernel.from_env()
 n = int(sys.argv[1])
 for i in range(n):
-    if i % 100 == 0:
+    if i % 100 == 0:  # a real write now and then: replay re-applies these
         k.write(f"f{i % 1000}.txt", b"x" * (i % 4096))
-    else:
-        k.info()
+    else:  # a request the policy denies (a path outside the workspace): request + decision
+        try:
+            k.delete(f"../outside-{i}")
+        except SyscallError:
+            pass
 print("BENCH " + json.dumps({}))
 """
 
@@ -361,7 +365,7 @@ def bench_verify(events: int, rounds: int) -> None:
         "kernel verify": [KERNEL, "verify", "--trust", pub, str(run_dir)],
     }
     if _has_command("replay"):
-        contenders["kernel replay"] = [KERNEL, "replay", str(run_dir)]
+        contenders["kernel replay"] = [KERNEL, "replay", "--trust", pub, str(run_dir)]
     else:
         say("   (kernel replay: skipped, this checkout has no `kernel replay` command)\n")
 
@@ -447,8 +451,13 @@ def machine() -> str:
         mem_gb = int(mem.split()[1]) / 1024 / 1024
     except (OSError, StopIteration):
         mem_gb = 0.0
-    fs = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True,
-                        text=True, check=False).stdout.strip()
+    fs, best = "?", ""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, kind = line.split()[:3]
+            if (tmp == mnt or tmp.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fs = mnt, f"{kind} ({dev})"
     return (f"{platform.node()}: {model}, {os.cpu_count()} cpus, {mem_gb:.1f} GiB, Linux "
             f"{platform.release()}, Python {platform.python_version()}, "
             f"{tempfile.gettempdir()} on {fs}, load average "
