@@ -204,3 +204,25 @@ def test_replay_refuses_a_folder_that_does_not_verify(recorded: Run, copy: Path)
     r = kernel_cmd(["replay", str(copy), "--trust", str(recorded.home / "keys" / "kernel.pub")],
                    home=recorded.home)
     assert r.returncode == 5
+
+
+def test_initial_file_holding_a_secret_is_not_stored_and_replay_asks_for_the_workspace(
+        tmp_path: Path) -> None:
+    skip_unless_available("native")
+    secret = "tok-initial-5ecr3t-99"
+    run = run_agent(tmp_path, CLIENT_PRELUDE + 'k.write("out.txt", b"ok\\n")\n',
+                    backend="native", files={"config.ini": f"token = {secret}\n", "a.txt": "a\n"},
+                    env={"SERVICE_API_TOKEN": secret})
+    assert run.out["status"] == "passed", run.proc.stderr
+    snap = next(e for e in run.events() if e["type"] == "snapshot.initial")["body"]
+    assert snap["content"] == "partial" and snap["unstored"] == 1
+    blobs = [p.read_bytes() for p in (run.run_dir / "objects").rglob("*") if p.is_file()]
+    assert not any(secret.encode() in b for b in blobs)
+    pub = str(run.home / "keys" / "kernel.pub")
+    r = kernel_cmd(["replay", str(run.run_dir), "--trust", pub], home=run.home)
+    assert r.returncode == 11 and "config.ini: initial content not stored" in r.stdout, r.stdout
+    # the operator still has the workspace as it was (the agent only added out.txt)
+    (run.workspace / "out.txt").unlink()
+    r = kernel_cmd(["replay", str(run.run_dir), "--trust", pub, "--workspace",
+                    str(run.workspace)], home=run.home)
+    assert r.returncode == 0, r.stdout + r.stderr
