@@ -359,6 +359,10 @@ def exec_options(a: argparse.Namespace) -> dict[str, Any]:
     if a.approve_key:
         opts["approve_key"] = Path(a.approve_key)
     if mode == "prompt":
+        if sys.stdin.isatty():
+            opts["tty_in"] = sys.stdin
+            opts["tty_out"] = sys.stderr if sys.stderr.isatty() else sys.stdout
+            return opts
         try:
             tty = open("/dev/tty", "r+", buffering=1)  # the run keeps it open
         except OSError:
