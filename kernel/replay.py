@@ -33,6 +33,7 @@ reported with its ``seq``, what was expected (recorded) and what replay got.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -172,6 +173,8 @@ class _Replayer:
                 if t == "snapshot.initial" and ev["body"].get("tree_digest") != initial_digest:
                     raise _diverge(ev["seq"], "snapshot.initial tree_digest vs initial/tree.json",
                                    ev["body"].get("tree_digest"), initial_digest)
+                if t == "approval.setup":
+                    self.on_approval_setup(ev)
                 if t == "syscall.request":
                     self.on_request(ev)
                 elif t == "syscall.decision":
@@ -180,6 +183,22 @@ class _Replayer:
                     self.on_result(ev)
         finally:
             self.ws.close()
+
+    def on_approval_setup(self, ev: dict[str, Any]) -> None:
+        """Reviewers trusted through a keyring file are part of the policy the run decided
+        with; the keyring's exact bytes are recorded (their consistency is checked by verify)."""
+        ring_ref = ev["body"].get("keyring_blob")
+        if not ring_ref:
+            return
+        from kernel.errors import KernelError
+        from kernel.reviewers import parse_keyring
+
+        try:
+            ring = parse_keyring(self.blob(ring_ref), "recorded keyring")
+        except KernelError as e:
+            raise _diverge(ev["seq"], "recorded keyring", "a keyring that loads",
+                           e.message) from None
+        self.policy = dataclasses.replace(self.policy, keyring_reviewers=ring)
 
     def on_request(self, ev: dict[str, Any]) -> None:
         b = ev["body"]

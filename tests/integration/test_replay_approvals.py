@@ -1,0 +1,58 @@
+"""Replay of runs with approvals: the pending decision, then the settled one (approved, denied,
+or refused without reviewers), are re-derived from the recorded outcome of the wait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kernel import keys
+from kernel.replay import replay_run
+from tests.approval_helpers import WRITE_ENV_AGENT, events, new_reviewer, policy_text, start_run
+from tests.kernel_helpers import skip_unless_available
+from tests.unit.test_verify_tamper import events as log_events
+from tests.unit.test_verify_tamper import rechain, reseal, writable
+
+
+@pytest.fixture(autouse=True)
+def _native() -> None:
+    skip_unless_available("native")
+
+
+def _ring(home: Path) -> Path:
+    ring = home / "reviewers.toml"
+    pub = new_reviewer(home, "alice")
+    ring.write_text(f'[[reviewers]]\nname = "alice"\npublic_key = "{pub}"\n')
+    return ring
+
+
+@pytest.mark.parametrize("verdict", ["approve", "deny"])
+def test_settled_approval_replays_identically(tmp_path: Path, verdict: str) -> None:
+    home = tmp_path / "home"
+    run = start_run(tmp_path, WRITE_ENV_AGENT, policy_text(keyring=str(_ring(home))), home=home)
+    (row,) = run.wait_pending()
+    extra = ["--reason", "no"] if verdict == "deny" else []
+    assert run.kernel([verdict, row["id"], *extra]).returncode == 0
+    out = run.finish()
+    run_dir = Path(out["run_dir"])
+    decisions = [e["body"]["decision"] for e in events(run_dir)
+                 if e["type"] == "syscall.decision" and e["body"].get("rule") == "protected:.env*"]
+    assert decisions == ["pending", "approved" if verdict == "approve" else "denied"]
+    key = keys.load_or_create_kernel_key(home)
+    rep = replay_run(run_dir, [key.public])
+    assert rep.status == "identical", rep.to_json()
+    if verdict == "deny":
+        return
+    # an insider turning the approved write into a denied one (re-signed) diverges
+    copy = writable(run_dir, tmp_path / "copy")
+    evs = log_events(copy)
+    final = next(e for e in evs if e["type"] == "syscall.decision"
+                 and e["body"].get("decision") == "approved")
+    final["body"]["approval_outcome"] = "expired"
+    rechain(copy, evs)
+    reseal(copy, key)
+    rep = replay_run(copy, [key.public])
+    assert rep.status == "diverged", rep.to_json()
+    assert rep.divergence is not None and rep.divergence.seq == final["seq"]
+    assert rep.divergence.expected[0] == "approved" and rep.divergence.actual[0] == "expired"
