@@ -56,3 +56,38 @@ def test_settled_approval_replays_identically(tmp_path: Path, verdict: str) -> N
     assert rep.status == "diverged", rep.to_json()
     assert rep.divergence is not None and rep.divergence.seq == final["seq"]
     assert rep.divergence.expected[0] == "approved" and rep.divergence.actual[0] == "expired"
+
+
+EXEC_AGENT = """
+from syscalls.client import Kernel
+k = Kernel.from_env()
+r = k.exec(["ls", "-a"], justification="look around")
+print("RESULT", r.exit_code, flush=True)
+"""
+
+CAPTURED_AGENT = """
+from syscalls.client import Kernel
+k = Kernel.from_env()
+r = k.exec(["python3", "-c", "open('.env', 'w').write('FROM_EXEC=1\\\\n')"])
+print("RESULT", r.exit_code, flush=True)
+"""
+
+
+@pytest.mark.parametrize(("agent", "exec_approval", "timeout"), [
+    (EXEC_AGENT, True, 60), (CAPTURED_AGENT, False, 60), (WRITE_ENV_AGENT, False, 1)],
+    ids=["exec-approved", "captured-change-approved", "expired"])
+def test_other_approval_paths_replay_identically(tmp_path: Path, agent: str,
+                                                 exec_approval: bool, timeout: int) -> None:
+    home = tmp_path / "home"
+    run = start_run(tmp_path, agent, policy_text(keyring=str(_ring(home)), timeout=timeout,
+                                                 exec_approval=exec_approval), home=home)
+    (row,) = run.wait_pending()
+    if timeout > 1:
+        assert run.kernel(["approve", row["id"]]).returncode == 0
+    out = run.finish()
+    run_dir = Path(out["run_dir"])
+    settled = [e["body"]["decision"] for e in events(run_dir)
+               if e["type"] == "syscall.decision" and "pending_seq" in e["body"]]
+    assert settled == (["expired"] if timeout == 1 else ["approved"])
+    rep = replay_run(run_dir, [keys.load_or_create_kernel_key(home).public])
+    assert rep.status == "identical", rep.to_json()
