@@ -179,9 +179,6 @@ def _wait(ctx: Any, gate: Gate, pending: Decision, *, pending_seq: int, request_
         **need.as_record(), "operator": gate.operator.as_record(), "mode": gate.mode,
         "preview_blob": preview_blob})
     assert seq == approval_seq, "the recorder is used by one thread only"
-    if gate.mode == "deny":
-        return _closed(ctx, approval_id, "denied",
-                       "kernel exec --approve deny: protected actions are refused"), approval_id
     if gate.cp is not None:
         u = ctx.ledger.usage
         q = ctx.policy.quotas
@@ -203,6 +200,9 @@ def _wait(ctx: Any, gate: Gate, pending: Decision, *, pending_seq: int, request_
                 "created_ns": issued, "expires_ns": binding["expires_ns"], "decided_ns": 0})
         except Exception as e:
             gate.cp_error = f"{type(e).__name__}: {e}"
+    if gate.mode == "deny":
+        return _closed(ctx, approval_id, "denied",
+                       "kernel exec --approve deny: protected actions are refused"), approval_id
     if gate.cp is None or gate.cp_error:
         if gate.mode != "prompt":
             why = gate.cp_error or "no control plane"
