@@ -270,7 +270,7 @@ def _cmd_exec(a: argparse.Namespace) -> int:
         argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
         isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
         **approval_cli.exec_options(a),
-        after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task))
+        after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task, status))
         if task is not None else None))
     if a.json:
         sys.stdout.write(json.dumps(outcome.to_json(), sort_keys=True) + "\n")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.errors import KernelError
 from kernel.policy import Policy
 from kernel.task import GateRules, Task, Verification
 
@@ -207,17 +208,34 @@ def run_verification(backend: Backend, policy: Policy, v: Verification, *, tree:
     return rec, outs[0][0], outs[1][0]
 
 
-def run_gate(ctx: RunContext, task: Task) -> dict[str, Any]:
-    """The live run's gate: record the task, run and record the verifications, evaluate."""
+def run_gate(ctx: RunContext, task: Task, status: str = "") -> dict[str, Any]:
+    """The live run's gate: record the task, run and record the verifications, evaluate.
+
+    A run the kernel was told to stop (``killed``) runs no verification: each is recorded as
+    not run, so the gate fails unless the task does not require them.
+    """
     from kernel.recorder import LOG_FILE
 
     rec = ctx.recorder
     rec.append("gate.task", task.as_record())
     for v in task.verify:
         env = {k: val for k, val in ctx.agent_env.items() if not k.startswith("KERNEL_")}
-        body, out, err = run_verification(ctx.backend, ctx.policy, v, tree=ctx.workspace,
-                                          view=Path(ctx.view_root), env=env,
-                                          hidden=ctx.hidden_abs, read_paths=ctx.read_paths)
+        if status == "killed":
+            rec.append("verification.result", {
+                "name": v.name, "argv": list(v.argv), "resolved": None,
+                "timeout_seconds": v.timeout_seconds, "exit_code": None, "timed_out": False,
+                "error": "not run: the kernel was told to stop the run"})
+            continue
+        try:
+            body, out, err = run_verification(ctx.backend, ctx.policy, v, tree=ctx.workspace,
+                                              view=Path(ctx.view_root), env=env,
+                                              hidden=ctx.hidden_abs,
+                                              read_paths=ctx.read_paths)
+        except (KernelError, OSError) as e:  # recorded as a failed verification; run sealed
+            body, out, err = ({"name": v.name, "argv": list(v.argv), "resolved": None,
+                               "timeout_seconds": v.timeout_seconds, "exit_code": None,
+                               "timed_out": False,
+                               "error": f"the sandbox could not start: {e}"}, b"", b"")
         body["stdout_blob"] = rec.put_blob(out)
         body["stderr_blob"] = rec.put_blob(err)
         rec.append("verification.result", body)
