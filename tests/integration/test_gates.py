@@ -14,7 +14,7 @@ from kernel import keys
 from kernel.errors import ExitCode
 from kernel.replay import replay_run
 from kernel.verify import verify_run
-from tests.kernel_helpers import kernel_cmd, make_workspace, skip_unless_available
+from tests.kernel_helpers import BACKENDS, kernel_cmd, make_workspace, skip_unless_available
 from tests.unit.test_verify_tamper import events, rechain, reseal, writable
 
 AGENT = """
@@ -41,8 +41,8 @@ SNEAKY = ("import pathlib,sys\n"
           "    sys.exit(0)\nsys.exit(3)\n")
 
 
-def run_task(tmp_path: Path, gate: str = "", agent: str = AGENT,
-             extra_verify: str = "") -> tuple[int, dict, Path, Path]:  # type: ignore[type-arg]
+def run_task(tmp_path: Path, gate: str = "", agent: str = AGENT, extra_verify: str = "",
+             backend: str = "native") -> tuple[int, dict, Path, Path]:  # type: ignore[type-arg]
     ws = make_workspace(tmp_path, {"test_calc.py": textwrap.dedent(TEST),
                                    "sneaky.py": SNEAKY})
     (ws / "agent.py").write_text(textwrap.dedent(agent))
@@ -54,7 +54,7 @@ def run_task(tmp_path: Path, gate: str = "", agent: str = AGENT,
         + extra_verify + gate)
     home = tmp_path / "home"
     r = kernel_cmd(["exec", "--json", "--task", str(task), "--runs-dir",
-                    str(tmp_path / "runs"), "--isolation", "native"], home=home)
+                    str(tmp_path / "runs"), "--isolation", backend], home=home)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return r.returncode, out, ws, home
 
@@ -64,8 +64,12 @@ def _native() -> None:
     skip_unless_available("native")
 
 
-def test_gate_passes_exit_zero_and_verifications_cannot_write(tmp_path: Path) -> None:
-    code, out, ws, home = run_task(tmp_path, '[gate]\nforbid_denials = ["exec.*"]\n')
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_passes_exit_zero_and_verifications_cannot_write(tmp_path: Path,
+                                                              backend: str) -> None:
+    skip_unless_available(backend)
+    code, out, ws, home = run_task(tmp_path, '[gate]\nforbid_denials = ["exec.*"]\n',
+                                   backend=backend)
     assert code == 0, out
     assert out["gate"]["passed"] is True
     assert not (ws / "planted.txt").exists()
