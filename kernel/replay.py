@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from kernel import evidence, manifest
-from kernel.canonical import digest_of, sha256_digest
+from kernel.canonical import sha256_digest
 from kernel.decide import (
     Decision,
     ExecRequest,
@@ -66,6 +67,9 @@ from kernel.recorder import LOG_FILE, MANIFESTS, POLICY_FILE, blob_relpath
 from kernel.verify import INTACT, verify_run
 
 IDENTICAL, DIVERGED, UNVERIFIED = "identical", "diverged", "unverified"
+# The log verified, so it holds no float: the canonical encoder without the float walk.
+_canon = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode
 
 
 @dataclass
@@ -203,7 +207,9 @@ class _Replayer:
     def on_request(self, ev: dict[str, Any]) -> None:
         b = ev["body"]
         expected = b.get("request_digest")
-        actual = digest_of({"req": b.get("req"), "call": b.get("call"), "args": b.get("args")})
+        actual = "sha256:" + hashlib.sha256(_canon(
+            {"req": b.get("req"), "call": b.get("call"), "args": b.get("args")}
+        ).encode("utf-8")).hexdigest()
         if expected != actual:
             raise _diverge(ev["seq"], "request_digest (recomputed from the recorded request)",
                            expected, actual)
