@@ -63,7 +63,7 @@ from kernel.decide import (
 from kernel.errors import PolicyError
 from kernel.paths import Workspace
 from kernel.policy import Policy, load_bytes
-from kernel.recorder import LOG_FILE, MANIFESTS, POLICY_FILE, blob_relpath
+from kernel.recorder import LOG_FILE, MANIFESTS, POLICY_FILE, REDACTED, blob_relpath
 from kernel.verify import INTACT, verify_run
 
 IDENTICAL, DIVERGED, UNVERIFIED = "identical", "diverged", "unverified"
@@ -133,6 +133,10 @@ class _Diverged(Exception):
 class _Unreplayable(Exception):
     """Replay cannot proceed (missing initial content...): a bad input, not a divergence."""
 
+    def __init__(self, message: str, *, needs_workspace: bool = True) -> None:
+        super().__init__(message)
+        self.needs_workspace = needs_workspace
+
 
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
@@ -163,6 +167,8 @@ class _Replayer:
         self.last_request: dict[str, Any] | None = None
         self.pending: dict[tuple[Any, str], tuple[int, WriteRequest, bytes, Decision]] = {}
         self.ws: Workspace | None = None
+        self.redacted_at: int | None = None
+        """Seq of the first write whose recorded content was redacted (tree unknown after)."""
 
     def blob(self, digest: str) -> bytes:
         return (self.run_dir / blob_relpath(digest)).read_bytes()
@@ -297,8 +303,13 @@ class _Replayer:
             else:
                 content = self.blob(ref)
             if len(content) != req.payload_bytes:
-                raise _diverge(seq, "content size (blob vs recorded facts)", req.payload_bytes,
-                               len(content))
+                if REDACTED.encode() not in content:
+                    raise _diverge(seq, "content size (blob vs recorded facts)",
+                                   req.payload_bytes, len(content))
+                # The content held a secret value and was recorded redacted: from here on the
+                # tree cannot be rebuilt, but every decision can still be re-derived.
+                if self.redacted_at is None:
+                    self.redacted_at = seq
         self.pending[(b.get("req"), b.get("request_digest"))] = (seq, req, content, d)
 
     def _after_approval(self, req: WriteRequest | ExecRequest, b: dict[str, Any],
@@ -332,6 +343,12 @@ class _Replayer:
         if key not in self.pending:
             return  # the result of an exec (never re-run) or of an info request
         dseq, req, content, d = self.pending.pop(key)
+        if self.redacted_at is not None:  # the tree is unknown: check the usage only
+            if b.get("ok") is True:
+                self.usage = Usage(self.usage.syscalls,
+                                   self.usage.bytes_written + req.payload_bytes,
+                                   self.usage.files_written + 1, self.usage.exec_count)
+            return
         got = self.perform(req, content, d)
         if b.get("ok") is True:
             expected = {"ok": True, "result": b.get("result")}
@@ -441,6 +458,13 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
                                f"{_first_difference(initial['entries'], json.loads(manifest.manifest_bytes(rebuilt))['entries'])})")  # noqa: E501
             r = _Replayer(run_dir, policy, events, tree, report)
             r.run(sha256_digest(initial_bytes))
+            if r.redacted_at is not None:
+                _check_gate(events, policy)
+                raise _Unreplayable(
+                    f"the content written at seq {r.redacted_at} held a secret value and is "
+                    "recorded redacted, so the workspace cannot be rebuilt past it (all "
+                    f"{report.rederived} decisions were re-derived identically)",
+                    needs_workspace=False)
             _check_final(r, events, final_bytes, final, report)
             _check_gate(events, policy)
             report.status = IDENTICAL
@@ -458,7 +482,8 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
             report.divergence = e.d
         except _Unreplayable as e:
             report.status = UNVERIFIED
-            report.problem = f"{e}; give the initial workspace with --workspace DIR"
+            report.problem = (f"{e}; give the initial workspace with --workspace DIR"
+                              if e.needs_workspace else str(e))
     finally:
         _rmtree(tmp)
     return report

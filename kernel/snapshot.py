@@ -6,8 +6,10 @@ initial manifest lists, so the manifest itself references it). A file is *not* s
 content holds a value the run redacts (a stored redacted copy would not hash to the manifest
 digest), or when it changed between the scan and the copy. Above the cap nothing is stored. The
 ``snapshot.initial`` event says which: ``content`` is ``complete``, ``partial`` or ``none``, with
-``unstored`` the number of files left out. Replay of a run without complete content needs
-``--workspace DIR`` holding the initial workspace (checked against the initial manifest).
+``unstored`` the number of files left out. Hard-linked files are never read (a hard link
+may lead to a file outside the workspace; the same rule as for writes). Replay of a run
+without complete content needs ``--workspace DIR`` holding the initial workspace (checked
+against the initial manifest).
 """
 
 from __future__ import annotations

@@ -80,3 +80,13 @@ def test_corrupt_folder_is_refused(recorded: Run, tmp_path: Path) -> None:
     (copy / "policy.toml").write_bytes(b"x")
     code, out = show(recorded, run_dir=copy)
     assert code == 5 and "corrupt" in out
+
+
+def test_replay_of_a_write_holding_a_secret_says_why_it_stops(recorded: Run) -> None:
+    from kernel import keys
+    from kernel.replay import replay_run
+
+    rep = replay_run(recorded.run_dir, [keys.load_or_create_kernel_key(recorded.home).public])
+    assert rep.status == "unverified" and rep.divergence is None
+    assert rep.problem is not None and "recorded redacted" in rep.problem
+    assert rep.rederived == 5  # every decision was still re-derived
