@@ -48,6 +48,9 @@ FIREJAIL_FLAGS = ["--quiet", "--noprofile", "--net=none", "--seccomp", "--caps.d
 ITEMS = ("exec", "write", "execsys", "verify", "concurrent")
 
 _out: list[str] = []
+BASELINE: Path | None = None
+"""Another checkout of the project (``--baseline``): its kernel runs beside this one in items
+1 and 2, same venv, same interleaving (for before/after comparisons under the same load)."""
 
 
 def say(line: str = "") -> None:
@@ -103,25 +106,34 @@ class Env:
         # PYTHONPATH: measure the kernel of this checkout, whatever the venv was installed from
         self.env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(self.tmp / "home"),
                     "PYTHONPATH": str(ROOT)}
-        text = (ROOT / "policies" / "default.toml").read_text()
-        for k, v in (quotas or {}).items():
-            import re
+        self.policy = self._policy(ROOT, "bench.toml", quotas, extra_policy)
+        self.baseline_policy = (self._policy(BASELINE, "bench-baseline.toml", quotas,
+                                             extra_policy) if BASELINE else self.policy)
 
+    def _policy(self, root: Path, name: str, quotas: dict[str, int] | None,
+                extra: str) -> Path:
+        import re
+
+        text = (root / "policies" / "default.toml").read_text()
+        for k, v in (quotas or {}).items():
             text = re.sub(rf"(?m)^{k} = \d+$", f"{k} = {v}", text)
-        self.policy = self.tmp / "bench.toml"
-        self.policy.write_text(text + extra_policy)
+        path = self.tmp / name
+        path.write_text(text + extra)
+        return path
 
     def script(self, name: str, text: str) -> None:
         (self.ws / name).write_text(text)
         os.chmod(self.ws / name, 0o644)
 
-    def exec_argv(self, backend: str, *cmd: str) -> list[str]:
-        return [KERNEL, "exec", "--isolation", backend, "--policy", str(self.policy),
+    def exec_argv(self, backend: str, *cmd: str, baseline: bool = False) -> list[str]:
+        policy = self.baseline_policy if baseline else self.policy
+        return [KERNEL, "exec", "--isolation", backend, "--policy", str(policy),
                 "--workspace", str(self.ws), "--runs-dir", str(self.runs), "--", *cmd]
 
-    def run_agent(self, backend: str, *cmd: str) -> dict[str, Any]:
-        r = subprocess.run(self.exec_argv(backend, *cmd), capture_output=True, text=True,
-                           env=self.env, check=False)
+    def run_agent(self, backend: str, *cmd: str, env: dict[str, str] | None = None
+                  ) -> dict[str, Any]:
+        r = subprocess.run(self.exec_argv(backend, *cmd, baseline=env is not None),
+                           capture_output=True, text=True, env=env or self.env, check=False)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]
         if r.returncode != 0 or not line:
             raise RuntimeError(f"kernel exec ({backend}) failed ({r.returncode}): "
@@ -152,6 +164,11 @@ def bench_exec(runs: int) -> None:
     for name in _backends():
         argv = e.exec_argv(name, PY, "-c", "pass")
         contenders[f"kernel exec ({name})"] = (lambda a=argv: _timed(a, e.env))
+        if BASELINE is not None:
+            benv = dict(e.env, PYTHONPATH=str(BASELINE))
+            bargv = e.exec_argv(name, PY, "-c", "pass", baseline=True)
+            contenders[f"kernel exec ({name}), baseline"] = (
+                lambda a=bargv, b=benv: _timed(a, b))
     samples: dict[str, list[float]] = {k: [] for k in contenders}
     for fn in contenders.values():  # warm-up: caches, page cache, the kernel's key
         fn()
@@ -239,10 +256,15 @@ def bench_writes(n: int, rounds: int) -> None:
         "plain: tmp + write + fsync + rename + dir fsync": lambda: _plain_atomic(plain, n),
     }
     for name in _backends():
-        def gated(name: str = name) -> tuple[float, list[float]]:
-            r = e.run_agent(name, PY, "writer.py", str(n))
+        def gated(name: str = name, env: dict[str, str] | None = None
+                  ) -> tuple[float, list[float]]:
+            r = e.run_agent(name, PY, "writer.py", str(n), env=env)
             return float(r["total"]), list(r["lat"])
         contenders[f"kernel write ({name})"] = gated
+        if BASELINE is not None:
+            benv = dict(e.env, PYTHONPATH=str(BASELINE))
+            contenders[f"kernel write ({name}), baseline"] = (
+                lambda name=name, benv=benv: gated(name, benv))
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     lats: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
@@ -413,19 +435,22 @@ def bench_concurrent(ns: list[int], backend: str | None) -> None:
     for n in ns:
         e = Env()
         procs = []
+        # GNU time is a small fresh process: the kernel forked from it does not count this
+        # (large) benchmark process's pages as its own, as it would if forked from here.
+        timing = ["/usr/bin/time", "-f", "%M"] if os.access("/usr/bin/time", os.X_OK) else []
         t0 = time.perf_counter()
-        for _ in range(n):
-            procs.append(subprocess.Popen(e.exec_argv(name, PY, "-c", "pass"), env=e.env,
-                                          stdout=subprocess.DEVNULL,
+        for i in range(n):
+            argv = e.exec_argv(name, PY, "-c", "pass")
+            if timing:
+                argv = [*timing, "-o", str(e.tmp / f"rss-{i}"), *argv]
+            procs.append(subprocess.Popen(argv, env=e.env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
-        rss: list[int] = []
         passed = 0
         for p in procs:
-            _, status, ru = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
-            passed += p.returncode == 0
-            rss.append(ru.ru_maxrss)
+            passed += p.wait() == 0
         wall = time.perf_counter() - t0
+        rss = [int((e.tmp / f"rss-{i}").read_text().split()[-1]) for i in range(n)
+               if timing and (e.tmp / f"rss-{i}").exists()] or [0]
         pub = keys.load_public_key(e.tmp / "home" / "keys" / "kernel.pub")
         intact = sum(verify.verify_run(d, [pub]).status == "intact"
                      for d in e.runs.iterdir() if d.is_dir())
@@ -433,7 +458,7 @@ def bench_concurrent(ns: list[int], backend: str | None) -> None:
             f"{statistics.median(rss) / 1024:.0f} / {max(rss) / 1024:.0f} MiB |")
         e.close()
     say("\n   peak RSS per run: the largest resident set among the kernel process and the "
-        "processes it waited for (wait4's ru_maxrss).")
+        "processes it waited for (GNU time's %M; 0 if /usr/bin/time is missing).")
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -478,7 +503,11 @@ def main() -> int:
     ap.add_argument("--backend", default=None, help="item 5: backend (default: native)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="items 1-2: also run the kernel of this other checkout, interleaved")
     a = ap.parse_args()
+    global BASELINE
+    BASELINE = a.baseline.resolve() if a.baseline else None
     only = [x.strip() for x in a.only.split(",") if x.strip()]
     bad = sorted(set(only) - set(ITEMS))
     if bad:
