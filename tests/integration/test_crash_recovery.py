@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ N_WRITES = 40
 
 AGENT = """
 import sys
+import tempfile
 from syscalls.client import Kernel
 k = Kernel.from_env()
 for i in range({n}):
@@ -160,3 +162,51 @@ def test_kernel_killed_at_a_random_moment_is_recovered(tmp_path: Path, seed: int
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     check_recovery(tmp_path, ws, runs, out)
+
+
+EXEC_AGENT = """
+from syscalls.client import Kernel
+k = Kernel.from_env()
+k.write("before.txt", b"x" * 1000)
+print("ACK before.txt", flush=True)
+r = k.exec(["python3", "-c",
+            "[open(f'gen{i}.txt', 'w').write(str(i) * 5000) for i in range(6)]"])
+print("EXEC", r.exit_code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("point", ["ws.renamed:4", "log.after_write:12"])
+def test_kernel_killed_while_applying_changes_captured_from_exec(tmp_path: Path,
+                                                                point: str) -> None:
+    """An exec's captured changes are applied one by one, each decided and recorded: a crash in
+    the middle leaves some applied, none torn, the scratch copy removed by recovery."""
+    ws = make_workspace(tmp_path, {"README.md": "x\n"})
+    (ws / "agent.py").write_text(textwrap.dedent(EXEC_AGENT))
+    home, runs = tmp_path / "home", tmp_path / "runs"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
+           "LANG": "C.UTF-8", "KERNEL_FAILPOINT": point}
+    out = tmp_path / "agent.out"
+    with open(out, "wb") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
+             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
+            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=120).returncode
+    assert rc == -signal.SIGKILL
+    (run_dir,) = runs.iterdir()
+    run_id = run_dir.name
+    r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert any(run_id in s for s in rep["scratch_removed"]), rep
+    assert not list(Path(tempfile.gettempdir()).glob(f"agent-kernel-{run_id}-*"))
+    assert (ws / "before.txt").read_bytes() == b"x" * 1000
+    made = sorted(p.name for p in ws.glob("gen*.txt"))
+    assert 0 < len(made) < 6, made
+    for p in ws.glob("gen*.txt"):
+        i = int(p.name[3])
+        assert p.read_text() == str(i) * 5000  # applied whole, or not at all
+    trust = ["--trust", str(home / "keys" / "kernel.pub")]
+    v = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"], home=home).stdout)
+    assert v["status"] == "intact" and v["seal_status"] == "aborted"
+    rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
+    assert rp.returncode == 0, rp.stdout
