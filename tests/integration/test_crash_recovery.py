@@ -85,6 +85,9 @@ def check_recovery(tmp_path: Path, ws: Path, runs: Path, out: Path) -> str:
     assert first["status"] in ("incomplete", "intact"), first
     if first["status"] == "incomplete":
         assert v1.returncode == 6
+        shown = kernel_cmd(["show", str(run_dir), *trust], home=home)
+        assert shown.returncode == 0 and "(incomplete)" in shown.stdout.splitlines()[0]
+        assert "status (not ended)" in shown.stdout
         r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
         assert r.returncode == 0, r.stderr
         v2 = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"],
