@@ -139,7 +139,7 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
         report.unfinished = _unfinished(before)
         strays: list[dict[str, Any]] = []
         if ws is not None:
-            for rel in _strays(ws, _known_paths(run_dir, before), _hidden(ws, run_dir)):
+            for rel in _strays(ws, _known_paths(run_dir, before), hidden_runs_dir(ws, run_dir)):
                 strays.append(_remove_stray(rec, ws, rel))
                 report.stray_removed.append(rel)
         report.scratch_removed = _remove_scratch(rec.run_id)
@@ -150,7 +150,7 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
 
             final_digest = sha256_digest((run_dir / MANIFESTS["final"]).read_bytes())
         elif ws is not None and not ended:
-            final = manifest.scan(ws, exclude=_hidden(ws, run_dir))
+            final = manifest.scan(ws, exclude=hidden_runs_dir(ws, run_dir))
             final_digest = rec.write_manifest("final", manifest.manifest_bytes(final))
         report.final_tree_digest = final_digest
         if not ended:
@@ -211,13 +211,21 @@ def check_torn_tail_records(log: bytes, read_blob: Callable[[str], bytes]) -> st
     return None
 
 
-def _hidden(ws: Path, run_dir: Path) -> tuple[str, ...]:
-    """The runs dir, if it lies inside the workspace, is not part of the workspace."""
-    try:
-        rel = run_dir.resolve().parent.relative_to(ws.resolve())
-    except ValueError:
-        return ()
-    return (rel.as_posix(),) if str(rel) != "." else ()
+def hidden_runs_dir(ws: Path, run_dir: Path) -> tuple[str, ...]:
+    """The runs dir and its control-plane dir, where they lie inside the workspace, are not part
+    of it (the kernel hides them from the run and leaves them out of its manifests)."""
+    from kernel.controlplane import control_dir
+
+    runs = run_dir.resolve().parent
+    out = []
+    for p in (runs, control_dir(runs)):
+        try:
+            rel = p.relative_to(ws.resolve())
+        except ValueError:
+            continue
+        if str(rel) != ".":
+            out.append(rel.as_posix())
+    return tuple(out)
 
 
 def _remove_stray(rec: RunRecorder, ws: Path, rel: str) -> dict[str, Any]:

@@ -436,7 +436,10 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
         try:
             if workspace is not None:
                 report.initial_source = "workspace"
-                given = manifest.scan(Path(workspace))
+                from kernel.recover import hidden_runs_dir
+
+                skip = hidden_runs_dir(Path(workspace), run_dir)
+                given = manifest.scan(Path(workspace), exclude=skip)
                 got = manifest.tree_digest(given)
                 if got != sha256_digest(initial_bytes):
                     first = _first_difference(
@@ -444,7 +447,7 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
                         json.loads(manifest.manifest_bytes(given))["entries"])
                     raise _diverge(None, "--workspace does not match the initial manifest",
                                    sha256_digest(initial_bytes), f"{got} ({first})")
-                manifest.clone_tree(Path(workspace), tree, exclude=(), uid=os.getuid(),
+                manifest.clone_tree(Path(workspace), tree, exclude=skip, uid=os.getuid(),
                                     gid=os.getgid())
             else:
                 report.initial_source = "blobs"

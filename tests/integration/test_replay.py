@@ -226,3 +226,17 @@ def test_initial_file_holding_a_secret_is_not_stored_and_replay_asks_for_the_wor
     r = kernel_cmd(["replay", str(run.run_dir), "--trust", pub, "--workspace",
                     str(run.workspace)], home=run.home)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_workspace_holding_the_runs_dir_replays_from_itself(tmp_path: Path) -> None:
+    """The runs dir inside the workspace is invisible to the run and left out of its
+    manifests; replay --workspace leaves it out too."""
+    skip_unless_available("native")
+    from tests.kernel_helpers import make_workspace
+
+    ws = make_workspace(tmp_path, {"a.txt": "a\n"})
+    run = run_agent(tmp_path, CLIENT_PRELUDE + 'attempt("w", lambda: k.write(".git/x", b""))\n',
+                    backend="native", workspace=ws, runs_dir=ws / "runs")
+    assert run.out["status"] == "passed", run.proc.stderr
+    rep = replay_run(run.run_dir, [kernel_key(run).public], workspace=ws)
+    assert rep.status == "identical", rep.divergence
