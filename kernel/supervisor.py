@@ -53,6 +53,8 @@ OUTPUT_CAP = 1 << 20
 FLOOD_GRACE = 64
 """Requests answered with a quota denial before a flooding agent is stopped."""
 TICK = 0.05
+BREACH_CHECK_S = 0.01
+"""Least time between two reads of the sandbox's limit counters inside the request loop."""
 INLINE_ARGS_MAX = 64 * 1024
 """Request arguments larger than this (canonical JSON) are recorded as a blob."""
 
@@ -411,13 +413,20 @@ class Supervisor:
         sel.register(err_r, selectors.EVENT_READ, 2)
         open_pipes = {1, 2}
         self._pumping = (started, {out_r: 1, err_r: 2})
+        next_breach_check = 0.0
         try:
             while True:
-                if time.monotonic() - started > wall:
+                now = time.monotonic()
+                if now - started > wall:
                     raise _Stop("limit", f"wall-clock limit of {wall} s reached", "wall_seconds")
-                breach = sb.breach()
-                if breach is not None:
-                    raise _Stop("limit", f"the sandbox breached its {breach} limit", breach)
+                # The cgroup counters are files: while requests stream in, read them at most
+                # every BREACH_CHECK_S (Linux enforces the limits; this notices and records a
+                # breach, and the end of the run checks once more).
+                if now >= next_breach_check:
+                    next_breach_check = now + BREACH_CHECK_S
+                    breach = sb.breach()
+                    if breach is not None:
+                        raise _Stop("limit", f"the sandbox breached its {breach} limit", breach)
                 if sb.poll() is not None and not open_pipes:
                     break
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if chan.outbuf else 0)
