@@ -246,14 +246,12 @@ def _cmd_recover(a: argparse.Namespace) -> int:
 
 
 def _cmd_exec(a: argparse.Namespace) -> int:
-    from kernel import agentenv, policy, supervisor
+    from kernel import agentenv, gates, policy, supervisor
+    from kernel import task as task_mod
 
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     task = None
     if a.task is not None:
-        from kernel import gates
-        from kernel import task as task_mod
-
         task = task_mod.load(Path(a.task))
         if cmd:
             raise UsageError("kernel exec: give the agent command in the task file or after "
@@ -266,6 +264,10 @@ def _cmd_exec(a: argparse.Namespace) -> int:
     env = agentenv.parse_env_args(a.env)
     out = sys.stderr.buffer if a.json else sys.stdout.buffer
     workspace = Path(a.workspace) if a.workspace else (task.workspace if task else Path("."))
+    gated = task is not None
+    if task is None and pol.gate.active():  # the policy's gate alone, no verification command
+        task = task_mod.Task(command=tuple(cmd), workspace=workspace, policy=pol.name,
+                             gate=task_mod.GateRules(False, False, False, -1, ()))
     outcome = supervisor.run(supervisor.ExecOptions(
         argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
         isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
@@ -287,7 +289,7 @@ def _cmd_exec(a: argparse.Namespace) -> int:
             for r in outcome.gate["rules"]:
                 mark = "ok  " if r["passed"] else "FAIL"
                 sys.stderr.write(f"  {mark} {r['rule']}: {r['detail']}\n")
-    if outcome.gate is not None:
+    if outcome.gate is not None and (gated or outcome.status == "passed"):
         return int(ExitCode.OK if outcome.gate["passed"] else ExitCode.GATE_FAILED)
     return int(STATUS_EXIT.get(outcome.status, ExitCode.RUN_FAILED))
 

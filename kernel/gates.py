@@ -11,7 +11,10 @@ golden table (tests/golden/) pins its answers. :func:`evidence_from_events` read
 from the run's own log: the agent's exit (``agent.exit``), every decision (denials; requests still
 ``pending``) and the verifier report.
 
-Rules, checked in this order (all must pass):
+The rules come from the task file and from the policy's ``[gate]`` table; where both set one,
+the stricter applies (a rule on in either is on; the lower ``max_denials``; both lists of
+``forbid_denials``). A run under a policy with gate rules but without a task is gated too, with
+no verification command. Rules, checked in this order (all must pass):
 
 =========================  =====================================================================
 ``agent_exit_zero``        the agent exited 0 (its own status is evidence too, not the verdict)
@@ -69,9 +72,21 @@ class Evidence:
     verifications: tuple[VerificationResult, ...] = ()
 
 
+def effective_rules(policy: Policy, task: Task) -> GateRules:
+    """The task's rules and the policy's ``[gate]`` together: the stricter of each applies."""
+    p, t = policy.gate, task.gate
+    limits = [m for m in (p.max_denials, t.max_denials) if m >= 0]
+    return GateRules(
+        agent_exit_zero=p.agent_exit_zero or t.agent_exit_zero,
+        all_verifications_pass=p.all_verifications_pass or t.all_verifications_pass,
+        no_pending_approvals=p.no_pending_approvals or t.no_pending_approvals,
+        max_denials=min(limits) if limits else -1,
+        forbid_denials=tuple(dict.fromkeys((*t.forbid_denials, *p.forbid_denials))))
+
+
 def evaluate(policy: Policy, task: Task, ev: Evidence) -> dict[str, Any]:
     """The gate report. Pure: same inputs, same report, byte for byte (canonical JSON)."""
-    g: GateRules = task.gate
+    g = effective_rules(policy, task)
     rules: list[dict[str, Any]] = []
 
     def rule(rid: str, ok: bool, detail: str) -> None:

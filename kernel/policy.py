@@ -207,6 +207,24 @@ class ApprovalsPolicy:
 
 
 @dataclass(frozen=True)
+class GatePolicy:
+    """Gate rules for every run under this profile, on top of a task's (stricter wins)."""
+
+    agent_exit_zero: bool = _f(False, "The agent must exit 0.")
+    all_verifications_pass: bool = _f(False, "Every verification command of the task must pass.")
+    no_pending_approvals: bool = _f(False, "No request may be left waiting for review.")
+    max_denials: int = _f(-1, "At most this many denied requests; -1: no limit.", min=-1,
+                          max=1 << 40)
+    forbid_denials: list[str] = _f([], "No denial whose rule id matches one of these globs "
+                                   "(fnmatch), e.g. `protected:*`.")
+
+    def active(self) -> bool:
+        return (self.agent_exit_zero or self.all_verifications_pass
+                or self.no_pending_approvals or self.max_denials >= 0
+                or bool(self.forbid_denials))
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole profile. ``raw`` and ``digest`` identify the exact bytes the run used."""
 
@@ -219,6 +237,7 @@ class Policy:
     quotas: Quotas = _f(Quotas(), "Quotas.")
     write: WritePolicy = _f(WritePolicy(), "Write bounds.")
     approvals: ApprovalsPolicy = _f(ApprovalsPolicy(), "Approvals.")
+    gate: GatePolicy = _f(GatePolicy(), "Gate rules for every run under this profile.")
     keyring_reviewers: tuple[Reviewer, ...] = field(default=(), metadata={"internal": True})
     """Reviewers read from ``approvals.keyring`` when the run starts (recorded as a blob)."""
     keyring_source: str = field(default="", metadata={"internal": True})
@@ -447,6 +466,7 @@ def reference_markdown() -> str:
     section(WritePolicy, "[write]")
     section(ApprovalsPolicy, "[approvals]")
     section(Reviewer, "[[approvals.reviewers]]")
+    section(GatePolicy, "[gate]")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -64,11 +64,32 @@ CASES: list[tuple[str, str, Evidence]] = [
 ]
 
 
+STRICT = load_bytes(b'description = "gate golden strict policy"\n[gate]\n'
+                    b'agent_exit_zero = true\nmax_denials = 1\n'
+                    b'forbid_denials = ["exec.not_allowlisted"]\n', source="strict-gate.toml")
+LAX_TASK = BASE + ('[gate]\nagent_exit_zero = false\nall_verifications_pass = false\n'
+                   'no_pending_approvals = false\nmax_denials = 5\n')
+D2 = ((5, "protected:.git/**"), (9, "exec.not_allowlisted"))
+
+# (name, task file, evidence) under the strict policy: the stricter of task and policy applies.
+POLICY_CASES: list[tuple[str, str, Evidence]] = [
+    ("policy gate: lax task, clean run", LAX_TASK, Evidence(0, "passed", (), (), ())),
+    ("policy gate: lax task cannot relax agent_exit_zero", LAX_TASK,
+     Evidence(1, "failed", (), (), ())),
+    ("policy gate: lower max_denials wins, forbidden kind from the policy", LAX_TASK,
+     Evidence(0, "passed", D2, (), ())),
+    ("policy gate: task adds its own forbidden kind",
+     BASE + '[gate]\nforbid_denials = ["protected:*"]\n',
+     Evidence(0, "passed", ((5, "protected:.git/**"),), (), ())),
+]
+
+
 def reports() -> list[dict[str, Any]]:
     out = []
-    for name, toml, ev in CASES:
-        task = parse(toml.encode(), source="task.toml", base=Path("/golden"))
-        out.append({"case": name, "report": evaluate(POLICY, task, ev)})
+    for policy, cases in ((POLICY, CASES), (STRICT, POLICY_CASES)):
+        for name, toml, ev in cases:
+            task = parse(toml.encode(), source="task.toml", base=Path("/golden"))
+            out.append({"case": name, "report": evaluate(policy, task, ev)})
     return out
 
 

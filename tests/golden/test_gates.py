@@ -11,15 +11,17 @@ import json
 import pytest
 
 from kernel.canonical import canonical_json
-from tests.golden.gate_cases import CASES, GOLDEN, reports
+from tests.golden.gate_cases import CASES, GOLDEN, POLICY_CASES, reports
+
+ALL = CASES + POLICY_CASES
 
 
 def test_every_case_has_a_golden_report() -> None:
     golden = json.loads(GOLDEN.read_text())
-    assert [g["case"] for g in golden] == [name for name, _, _ in CASES]
+    assert [g["case"] for g in golden] == [name for name, _, _ in ALL]
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("i", range(len(ALL)), ids=[c[0] for c in ALL])
 def test_gate_report_matches_golden(i: int) -> None:
     golden = json.loads(GOLDEN.read_text())[i]
     got = reports()[i]

@@ -162,3 +162,28 @@ def test_verifier_report_rewritten_consistently_is_caught_by_rerun_gates(
     assert rep.status == "diverged", rep.to_json()
     assert rep.divergence is not None and "verifier report" in rep.divergence.what
     assert rep.gates is not None and rep.gates["gate_rerun"]["passed"] is False
+
+
+def test_policy_gate_applies_without_a_task(tmp_path: Path) -> None:
+    """A profile's [gate] gates every run under it: here a denial of a forbidden kind fails the
+    run (exit 20) though the agent exited 0; the same agent under the plain profile passes."""
+    from tests.kernel_helpers import ROOT
+
+    ws = make_workspace(tmp_path, {})
+    (ws / "agent.py").write_text(textwrap.dedent(AGENT))
+    pol = tmp_path / "gated.toml"
+    pol.write_text((ROOT / "policies" / "default.toml").read_text()
+                   + '\n[gate]\nforbid_denials = ["protected:*"]\n')
+    home = tmp_path / "home"
+    base = ["exec", "--json", "--workspace", str(ws), "--runs-dir", str(tmp_path / "runs"),
+            "--isolation", "native"]
+    r = kernel_cmd([*base, "--policy", str(pol), "--", "/usr/bin/python3", "agent.py"],
+                   home=home)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == ExitCode.GATE_FAILED, r.stderr
+    assert out["status"] == "passed" and out["gate"]["passed"] is False
+    assert [x["rule"] for x in out["gate"]["rules"]] == ["forbid_denials"]
+    rep = replay_run(Path(out["run_dir"]), [keys.load_or_create_kernel_key(home).public])
+    assert rep.status == "identical", rep.to_json()
+    r = kernel_cmd([*base, "--", "/usr/bin/python3", "agent.py"], home=home)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["gate"] is None
