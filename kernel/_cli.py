@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("key", help="show the kernel's public key (created on first use)")
     k.add_argument("--json", action="store_true")
     _evidence_parsers(sub)
-    COMMANDS.update(approval_cli.register(sub))
+    approval_cli.register(sub)
     return p
 
 
@@ -368,6 +368,7 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key}
+COMMANDS.update(approval_cli.HANDLERS)
 COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest,
                  "show": _cmd_show})
 

@@ -23,8 +23,8 @@ from kernel.errors import (
 )
 
 
-def register(sub: Any) -> dict[str, Any]:
-    """Add the subcommands to the ``kernel`` parser; returns name -> handler."""
+def register(sub: Any) -> None:
+    """Add the subcommands to the ``kernel`` parser (handlers: :data:`HANDLERS`)."""
     def runs_dir_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--runs-dir", default="runs", metavar="DIR",
                        help="the runs dir the operator used (default: ./runs); the control "
@@ -85,8 +85,6 @@ def register(sub: Any) -> dict[str, Any]:
                        "folder wins).")
     runs_dir_opt(c)
     c.add_argument("--json", action="store_true")
-    return {"approvals": cmd_approvals, "approve": cmd_approve, "deny": cmd_deny,
-            "keys": cmd_keys, "runs": cmd_runs, "reconcile": cmd_reconcile}
 
 
 def _out(obj: Any) -> None:
@@ -349,6 +347,10 @@ def cmd_reconcile(a: argparse.Namespace) -> int:
         sys.stdout.write(f"reconciled {report['runs']} run folder(s): "
                          f"{len(report['mismatches'])} mismatch(es) corrected\n")
     return 0
+
+
+HANDLERS = {"approvals": cmd_approvals, "approve": cmd_approve, "deny": cmd_deny,
+            "keys": cmd_keys, "runs": cmd_runs, "reconcile": cmd_reconcile}
 
 
 def exec_options(a: argparse.Namespace) -> dict[str, Any]:
