@@ -31,16 +31,16 @@ print("ELAPSED", time.monotonic() - t, flush=True)
 """
 
 
-def kernel(args: list[str], home: Path, **kw: object) -> subprocess.CompletedProcess[str]:
+def kernel(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kernel._cli", *args], cwd=ROOT, text=True,
-                          capture_output=True, env={"PATH": "/usr/bin:/bin",
-                                                    "KERNEL_HOME": str(home)}, **kw)  # type: ignore[call-overload]
+                          capture_output=True,
+                          env={"PATH": "/usr/bin:/bin", "KERNEL_HOME": str(home)})
 
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     tmp = Path(tempfile.mkdtemp(prefix="approval-latency-"))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o755)  # noqa: S103 - the agent uid reads the workspaces
     home = tmp / "home"
     kernel(["keys", "new", "--reviewer", "alice"], home)
     pub = (home / "reviewers" / "alice.pub").read_text().strip()
