@@ -34,7 +34,7 @@ from kernel.errors import KernelError
 from kernel.policy import Policy, load_bytes
 
 _EVENTS = ("approval.requested", "approval.received", "approval.rejected", "approval.closed",
-           "approval.expired", "approval.cancelled")
+           "approval.expired", "approval.cancelled", "approval.late")
 
 
 def _ts_ns(ts: str) -> int:
@@ -156,6 +156,9 @@ def _check(run_id: str, policy_bytes: bytes, events: list[dict[str, Any]],
                 b["operator_may_approve"], Tally(b["threshold"]))
             by_pending[ps] = bind["approval_id"]
             waiting_digests[pb["request_digest"]] = bind["approval_id"]
+        elif t == "approval.late":
+            if b["approval_id"] not in opened:
+                return f"{where}: names approval {b['approval_id']!r}, never requested"
         elif t in ("approval.received", "approval.rejected", "approval.closed",
                    "approval.expired", "approval.cancelled"):
             o: _Open | None = opened.get(b["approval_id"])

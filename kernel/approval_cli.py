@@ -201,12 +201,14 @@ def _decide(a: argparse.Namespace, decision: str) -> int:
         if row is None:
             raise NotFoundError(f"no approval request {a.id}",
                                 hint="`kernel approvals` lists the pending ones")
-        if row["state"] != "pending":
-            raise ApprovalClosedError(f"{a.id} is already {row['state']}; nothing changed")
-        binding = json.loads(row["binding"])
         now = time.time_ns()
-        if now > binding["expires_ns"]:
-            raise ApprovalClosedError(f"{a.id} has expired; nothing changed")
+        binding = json.loads(row["binding"])
+        closed = (f"already {row['state']}" if row["state"] != "pending" else
+                  "expired" if now > binding["expires_ns"] else None)
+        if closed is not None:
+            _attempt(cp, a.id, decision, now, f"the request is {closed}")
+            raise ApprovalClosedError(f"{a.id} is {closed}; nothing changed (the attempt is "
+                                      "recorded, in the run folder too if the run is going on)")
         eligible = eligible_map(json.loads(row["eligible"]))
         if a.envelope:
             try:
@@ -247,7 +249,9 @@ def _decide(a: argparse.Namespace, decision: str) -> int:
         except LookupError:
             raise NotFoundError(f"no approval request {a.id}") from None
         except ClosedError as e:
-            raise ApprovalClosedError(f"{a.id} is {e}; nothing changed") from None
+            _attempt(cp, a.id, decision, now, f"the request is {e}", sig_row)
+            raise ApprovalClosedError(f"{a.id} is {e}; nothing changed (the attempt is "
+                                      "recorded)") from None
         except RefusedError as e:
             raise ApprovalRefusedError(
                 f"{a.id}: refused: {e}; nothing was decided (the attempt is recorded, and the "
@@ -261,6 +265,17 @@ def _decide(a: argparse.Namespace, decision: str) -> int:
         sys.stdout.write(f"{a.id}: {decision} by {c.reviewer} recorded; request is "
                          f"{state}{more}\n")
     return 0
+
+
+def _attempt(cp: Any, approval_id: str, decision: str, now: int, note: str,
+             sig_row: dict[str, Any] | None = None) -> None:
+    row = sig_row or {"approval_id": approval_id, "envelope": "", "public_key": "",
+                      "reviewer": "", "decision": decision, "submitted_ns": now,
+                      "submitted_uid": os.getuid()}
+    try:
+        cp.record_attempt(row, note)
+    except Exception:  # noqa: S110 - the refusal itself is what the user must see
+        pass
 
 
 def cmd_approve(a: argparse.Namespace) -> int:

@@ -72,6 +72,8 @@ class Gate:
     approve_key: Path | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
     nonces: set[str] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
+    """Ids of the signature rows already recorded in the run folder."""
 
 
 def write_action(req: WriteRequest, content: bytes) -> dict[str, Any]:
@@ -228,6 +230,7 @@ def _wait(ctx: Any, gate: Gate, pending: Decision, *, pending_seq: int, request_
                     gate.cp_error = str(e)
                 for row in rows:
                     last_id = max(last_id, int(row["id"]))
+                    gate.seen.add(int(row["id"]))
                     done = _take(ctx, gate, tally, row, binding, eligible, need)
                     if done is not None:
                         return done, approval_id
@@ -486,3 +489,29 @@ def answer(decision: Decision) -> str:
     """The ``decision`` value the agent is told for a refused request: ``denied``, or
     ``expired`` when no reviewer decided in time."""
     return EXPIRED if decision.decision == EXPIRED else DENIED
+
+
+def drain_late(ctx: Any) -> None:
+    """Before ``run.end``: record attempts that reached the control plane after their request
+    was decided (``approval.late``; never counted), so every attempt on a live run is in its
+    folder."""
+    gate: Gate | None = getattr(ctx, "approvals", None)
+    if gate is None or gate.cp is None or gate.cp_error:
+        return
+    try:
+        rows = gate.cp.signatures_of_run(ctx.run_id)
+    except Exception as e:  # the folder stays the record; reconcile repairs the index
+        ctx.recorder.append("controlplane.error", {"error": f"{type(e).__name__}: {e}"})
+        return
+    for row in rows:
+        if int(row["id"]) in gate.seen:
+            continue
+        gate.seen.add(int(row["id"]))
+        raw = str(row.get("envelope") or "")
+        ctx.recorder.append("approval.late", {
+            "approval_id": row["approval_id"], "submitted_uid": row.get("submitted_uid"),
+            "decision": row.get("decision"), "submitted_ns": row.get("submitted_ns"),
+            "envelope_blob": ctx.recorder.put_blob(raw.encode("utf-8", "replace"))
+            if raw else None,
+            "reason": row.get("note") or "arrived after the request was decided"})
+

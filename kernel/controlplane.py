@@ -216,6 +216,21 @@ class ControlPlane:
         return list(self.db.table("signatures").rows_where("approval_id = ? and id > ?",
                                                      [approval_id, after_id], order_by="id"))
 
+    def signatures_of_run(self, run_id: str) -> list[dict[str, Any]]:
+        """Every signature row of every request of ``run_id`` (ids are ``<run_id>.<seq>``)."""
+        cur = self.conn.execute(
+            "SELECT * FROM signatures WHERE substr(approval_id, 1, ?) = ? ORDER BY id",
+            (len(run_id) + 1, run_id + "."))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def record_attempt(self, sig_row: dict[str, Any], note: str) -> None:
+        """Store a refused attempt (the request was not pending) so the run can record it."""
+        row = {**sig_row, "status": "refused", "note": note}
+        with self.transaction() as c:
+            c.execute(f"INSERT INTO signatures ({', '.join(row)}) VALUES "  # noqa: S608
+                      f"({', '.join('?' for _ in row)})", tuple(row.values()))
+
     def finish(self, approval_id: str, state: str, outcome: str, now_ns: int) -> None:
         """The kernel's final word for a request (the run folder already holds it)."""
         with self.transaction() as c:

@@ -383,6 +383,7 @@ class Supervisor:
         if o.after_agent is not None:
             gate = o.after_agent(ctx, status, code)
             summary["gate"] = gate
+        approval_gate.drain_late(ctx)
         rec.append("run.end", summary)
         seal = rec.seal(status, summary)
         approval_gate.close_gate(ctx, status, code, summary, seal)

@@ -446,3 +446,33 @@ def test_approvals_without_a_control_plane_is_not_found(tmp_path: Path) -> None:
                    home=tmp_path / "home")
     assert r.returncode == ExitCode.NOT_FOUND and "control-plane database" in r.stderr
 
+
+
+def test_an_attempt_on_a_decided_request_is_refused_and_recorded_in_the_running_run(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ring = keyring(home, "alice")
+    agent = WRITE_ENV_AGENT + """
+import os
+for _ in range(600):  # keep the run going until the test says so
+    if os.path.exists("done.marker"):
+        break
+    time.sleep(0.05)
+"""
+    run = start_run(tmp_path, agent, policy_text(keyring=str(ring)), home=home)
+    (row,) = run.wait_pending()
+    assert run.kernel(["approve", row["id"]]).returncode == 0
+    for _ in range(200):
+        if (run.workspace / ".env").read_text() == "TOKEN=new\n":
+            break
+        time.sleep(0.05)
+    late = run.kernel(["deny", row["id"], "--reason", "too late"])
+    assert late.returncode == ExitCode.APPROVAL_CLOSED and "already approved" in late.stderr
+    (run.workspace / "done.marker").write_text("")
+    out = run.finish()
+    run_dir = Path(out["run_dir"])
+    recorded = [e["body"] for e in events(run_dir) if e["type"] == "approval.late"]
+    assert len(recorded) == 1 and recorded[0]["decision"] == "deny"
+    assert "already approved" in recorded[0]["reason"]
+    assert (run.workspace / ".env").read_text() == "TOKEN=new\n"
+    assert verify(run_dir, home).returncode == 0
