@@ -84,10 +84,14 @@ def folder_rows(run_dir: Path, trusted: list[Any]) -> tuple[dict[str, Any],
            "ended": seal_body.get("sealed", ""), "seal": seal_digest,
            "final_tree_digest": summary.get("final_tree_digest", "")}
     approvals: dict[str, dict[str, Any]] = {}
+    notes: dict[int, str] = {}
     for e in events:
         b = e.get("body", {})
         t = e.get("type")
-        if t == "approval.requested":
+        if t == "syscall.request":
+            note = (b.get("args") or {}).get("justification")
+            notes[e["seq"]] = note if isinstance(note, str) else ""
+        elif t == "approval.requested":
             bind = b["binding"]
             preview: dict[str, Any] = {"action": b.get("action")}
             blob = b.get("preview_blob")
@@ -102,7 +106,8 @@ def folder_rows(run_dir: Path, trusted: list[Any]) -> tuple[dict[str, Any],
                 "id": bind["approval_id"], "run_id": run_id,
                 "request_seq": bind["request_seq"], "approval_seq": bind["approval_seq"],
                 "kind": b["action"]["kind"], "summary": _summary(b["action"]),
-                "rule": b["rule"], "rule_reason": "", "justification": "",
+                "rule": b["rule"], "rule_reason": "",
+                "justification": notes.get(bind["request_seq"], ""),
                 "binding": json.dumps(bind), "eligible": json.dumps(b["eligible"]),
                 "threshold": b["threshold"], "operator_uid": b["operator"]["uid"],
                 "operator_may_approve": int(b["operator_may_approve"]),
@@ -178,7 +183,7 @@ def reconcile(runs_dir: Path) -> dict[str, Any]:
                             mismatches.append(f"approval {ap['id']}: {k}: index says "
                                               f"{prev.get(k)!r}, folder says {ap[k]!r} "
                                               "(corrected)")
-                    for k in ("rule_reason", "justification", "usage", "lineage"):
+                    for k in ("rule_reason", "usage", "lineage"):
                         if prev.get(k):
                             ap[k] = prev[k]  # presentation only; not in the folder's terms
                 cp.add_approval(ap)

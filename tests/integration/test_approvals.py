@@ -26,7 +26,7 @@ from tests.approval_helpers import (
     types,
     verify,
 )
-from tests.kernel_helpers import ROOT, kernel_cmd, open_up, skip_unless_available
+from tests.kernel_helpers import BACKENDS, ROOT, kernel_cmd, open_up, skip_unless_available
 
 pytestmark = pytest.mark.sandbox
 
@@ -54,11 +54,14 @@ def final_decision(run_dir: Path) -> dict[str, object]:
     return finals[0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_waiting_run_is_approved_from_another_process_and_the_write_applies(
-        tmp_path: Path) -> None:
+        tmp_path: Path, backend: str) -> None:
+    skip_unless_available(backend)
     home = tmp_path / "home"
     ring = keyring(home, "alice")
-    run = start_run(tmp_path, WRITE_ENV_AGENT, policy_text(keyring=str(ring)), home=home)
+    run = start_run(tmp_path, WRITE_ENV_AGENT, policy_text(keyring=str(ring)), home=home,
+                    backend=backend)
     (row,) = run.wait_pending()
     assert (run.workspace / ".env").read_text() == "TOKEN=old\n"  # nothing applied yet
     shown = run.kernel(["approvals", "show", row["id"]])
