@@ -118,6 +118,17 @@ def test_deny_needs_a_reason_and_unknown_ids_are_not_found(tmp_path: Path) -> No
     assert r.returncode == ExitCode.USAGE and "--reason" in r.stderr
     r = run.kernel(["approve", "no-such-run.7"])
     assert r.returncode == ExitCode.NOT_FOUND and "no approval request" in r.stderr
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key")
+    garbage.chmod(0o600)
+    r = run.kernel(["approve", row["id"], "--key", str(garbage)])
+    assert r.returncode == ExitCode.BAD_KEY and "not a PEM private key" in r.stderr
+    loose = tmp_path / "loose.key"
+    loose.write_bytes((home / "reviewers" / "alice.key").read_bytes())
+    loose.chmod(0o644)
+    r = run.kernel(["approve", row["id"], "--key", str(loose)])
+    assert r.returncode == ExitCode.BAD_KEY and "readable by others" in r.stderr
+    assert "Traceback" not in r.stderr
     out = run.finish()
     assert final_decision(Path(out["run_dir"]))["decision"] == "expired"
 
