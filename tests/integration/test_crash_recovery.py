@@ -26,7 +26,7 @@ import pytest
 from kernel.failpoints import POINTS
 from tests.kernel_helpers import ROOT, kernel_cmd, make_workspace, skip_unless_available
 
-N_WRITES = 40
+N_WRITES = 60
 
 AGENT = """
 import sys
