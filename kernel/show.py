@@ -54,6 +54,8 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
     by_key: dict[tuple[Any, Any], dict[str, Any]] = {}
     by_req: dict[Any, dict[str, Any]] = {}
     by_digest: dict[str, dict[str, Any]] = {}
+    by_decision_seq: dict[int, dict[str, Any]] = {}
+    by_approval_seq: dict[int, dict[str, Any]] = {}
     captured: dict[tuple[Any, Any], dict[str, Any]] = {}
     totals: dict[str, Any] = {"events": len(events), "requests": Counter(),
                               "decisions": Counter(), "denials_by_rule": Counter(),
@@ -93,6 +95,7 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
             continue
         linked = by_key.get(key) if t in _LINKED else None
         if linked is not None and t == "syscall.decision":
+            by_decision_seq[seq] = linked
             linked["decisions"].append({"seq": seq, "decision": b.get("decision"),
                                       "rule": b.get("rule"), "reason": b.get("reason")})
             _count_decision(totals, b)
@@ -103,8 +106,10 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
             linked["result"] = _result(b)
             _count_result(totals, b)
             continue
-        if t.startswith("approval.") and b.get("request_digest") is not None:
-            target = by_digest.get(b["request_digest"])
+        if t.startswith("approval."):
+            target = _approval_target(b, by_digest, by_decision_seq, by_approval_seq)
+            if t == "approval.requested" and target is not None:
+                by_approval_seq[seq] = target
             if target is not None:
                 target["approvals"].append({"seq": seq, "type": t,
                                             "reviewer": b.get("reviewer"),
@@ -128,6 +133,21 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
             "workspace": header.get("workspace"), "policy": header.get("policy_name"),
             "isolation": header.get("isolation"), "started": t0,
             "timeline": items, "totals": totals}
+
+
+def _approval_target(b: dict[str, Any], by_digest: dict[str, dict[str, Any]],
+                     by_decision_seq: dict[int, dict[str, Any]],
+                     by_approval_seq: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The request an approval event is about: by its request digest, the pending decision it
+    waits on (``pending_seq``), or its approval id (``<run_id>.<seq of approval.requested>``)."""
+    if isinstance(b.get("request_digest"), str) and b["request_digest"] in by_digest:
+        return by_digest[b["request_digest"]]
+    if isinstance(b.get("pending_seq"), int) and b["pending_seq"] in by_decision_seq:
+        return by_decision_seq[b["pending_seq"]]
+    aid = b.get("approval_id")
+    if isinstance(aid, str) and aid.rpartition(".")[2].isdigit():
+        return by_approval_seq.get(int(aid.rpartition(".")[2]))
+    return None
 
 
 def _count_decision(totals: dict[str, Any], b: dict[str, Any]) -> None:
@@ -212,12 +232,16 @@ def render(view: dict[str, Any], verify_status: str) -> str:
             out.append(f"{when} [{it['seq']:>5}] {it['what']}")
             continue
         out.append(f"{when} [{it['seq']:>5}] #{it['req']} {it['call']} {it['what']}")
-        for d in it["decisions"]:
-            why = f": {d['reason']}" if d["decision"] not in ("allowed",) else ""
-            out.append(f"{'':>10} [{d['seq']:>5}]   -> {d['decision']} ({d['rule']}){why}")
-        for a in it["approvals"]:
-            who = f" by {a['reviewer']}" if a.get("reviewer") else ""
-            out.append(f"{'':>10} [{a['seq']:>5}]   {a['type']}{who} {a.get('decision') or ''}")
+        steps = sorted([("d", d) for d in it["decisions"]] + [("a", a) for a in it["approvals"]],
+                       key=lambda x: int(x[1]["seq"]))
+        for kind, x in steps:
+            if kind == "d":
+                why = f": {x['reason']}" if x["decision"] not in ("allowed",) else ""
+                out.append(f"{'':>10} [{x['seq']:>5}]   -> {x['decision']} ({x['rule']}){why}")
+            else:
+                who = f" by {x['reviewer']}" if x.get("reviewer") else ""
+                out.append(f"{'':>10} [{x['seq']:>5}]   {x['type']}{who} "
+                           f"{x.get('decision') or ''}".rstrip())
         for c in it["captured"]:
             res = c.get("result")
             tail = "" if res is None else (" applied" if res["ok"] else

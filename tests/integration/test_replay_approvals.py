@@ -10,7 +10,7 @@ import pytest
 from kernel import keys
 from kernel.replay import replay_run
 from tests.approval_helpers import WRITE_ENV_AGENT, events, new_reviewer, policy_text, start_run
-from tests.kernel_helpers import skip_unless_available
+from tests.kernel_helpers import kernel_cmd, skip_unless_available
 from tests.unit.test_verify_tamper import events as log_events
 from tests.unit.test_verify_tamper import rechain, reseal, writable
 
@@ -42,6 +42,15 @@ def test_settled_approval_replays_identically(tmp_path: Path, verdict: str) -> N
     key = keys.load_or_create_kernel_key(home)
     rep = replay_run(run_dir, [key.public])
     assert rep.status == "identical", rep.to_json()
+    # kernel show puts the approval records under the request they are about, in order
+    shown = kernel_cmd(["show", str(run_dir)], home=home).stdout
+    lines = [x.strip() for x in shown.splitlines()]
+    i = next(n for n, x in enumerate(lines) if "#1 write write '.env'" in x)
+    steps = [x.split("]", 1)[1].strip() for x in lines[i + 1:i + 5]]
+    assert steps[0].startswith("-> pending (protected:.env*)")
+    assert steps[1] == "approval.requested"
+    assert steps[2].startswith("approval.received by alice")
+    assert steps[3].startswith("-> approved" if verdict == "approve" else "-> denied")
     if verdict == "deny":
         return
     # an insider turning the approved write into a denied one (re-signed) diverges
