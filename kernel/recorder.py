@@ -419,9 +419,12 @@ class RunRecorder:
         except FileExistsError:
             raise BadInputError(f"run folder {run_dir} already exists") from None
         fsync_dir(runs_dir)
-        # Every file is fsynced before its name appears and every new name is made durable by
-        # an fsync of its directory before this returns, as before; the directory fsyncs are
-        # just shared: one for the run folder's five entries, one each for objects/ and log/.
+        # The header files come first (a crash now leaves a folder without run.json only for
+        # as long as before). Every file is fsynced before its name appears and every new name
+        # is made durable by an fsync of its directory before this returns; the directory
+        # fsyncs are shared: one for the three header files, one for objects/ and log/.
+        publish_many(run_dir, [(POLICY_FILE, policy_raw), (RUN_JSON, run_bytes),
+                               (RUN_SIG, sig_bytes)])
         os.mkdir(run_dir / "objects", 0o755)
         os.mkdir(run_dir / OBJECTS_DIR, 0o755)
         os.mkdir(run_dir / LOG_DIR, 0o755)
@@ -431,8 +434,7 @@ class RunRecorder:
             os.fsync(fd)
             fsync_dir(run_dir / LOG_DIR)
             fsync_dir(run_dir / "objects")
-            publish_many(run_dir, [(POLICY_FILE, policy_raw), (RUN_JSON, run_bytes),
-                                   (RUN_SIG, sig_bytes)])
+            fsync_dir(run_dir)
         except BaseException:
             os.close(fd)
             raise
