@@ -48,7 +48,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from kernel import evidence, manifest
+from kernel import evidence, manifest, snapshot
 from kernel.canonical import sha256_digest
 from kernel.decide import (
     Decision,
@@ -368,7 +368,16 @@ class _Replayer:
 # ---- the initial tree ----
 
 
-def _materialize(run_dir: Path, entries: dict[str, Any], dest: Path) -> None:
+def _materialize(run_dir: Path, entries: dict[str, Any], dest: Path,
+                 snap: dict[str, Any]) -> None:
+    contents: dict[str, bytes] | None = None
+    if "content_blobs" in snap["body"]:
+        try:
+            contents = dict(snapshot.stored_files(
+                entries, snap["body"], lambda d: (run_dir / blob_relpath(d)).read_bytes()))
+        except ValueError as err:
+            raise _diverge(snap["seq"], "initial content packs vs initial/tree.json",
+                           "the stored files' bytes", str(err)) from None
     dirs: list[tuple[str, int]] = []
     for rel in sorted(entries, key=lambda r: r.split("/")):
         e = entries[rel]
@@ -378,13 +387,19 @@ def _materialize(run_dir: Path, entries: dict[str, Any], dest: Path) -> None:
             os.mkdir(path, 0o700)
             dirs.append((rel, e["mode"]))
         elif kind == "file":
-            blob = run_dir / blob_relpath(e["digest"])
-            if not blob.is_file():
-                raise _Unreplayable(f"{rel}: initial content not stored in the run folder")
+            if contents is not None:
+                if rel not in contents:
+                    raise _Unreplayable(f"{rel}: initial content not stored in the run folder")
+                data = contents[rel]
+            else:  # runs that stored one blob per initial file
+                blob = run_dir / blob_relpath(e["digest"])
+                if not blob.is_file():
+                    raise _Unreplayable(f"{rel}: initial content not stored in the run folder")
+                data = blob.read_bytes()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f, open(blob, "rb") as src:
-                shutil.copyfileobj(src, f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.chmod(path, e["mode"])
         elif kind == "symlink":
             os.symlink(_decode_name(e["target"]), path)
@@ -452,7 +467,10 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
             else:
                 report.initial_source = "blobs"
                 os.mkdir(tree, 0o755)
-                _materialize(run_dir, initial["entries"], tree)
+                snap: dict[str, Any] = next(
+                    (ev for ev in events if ev["type"] == "snapshot.initial"),
+                    {"seq": None, "body": {}})
+                _materialize(run_dir, initial["entries"], tree, snap)
             rebuilt = manifest.scan(tree)
             if manifest.tree_digest(rebuilt) != sha256_digest(initial_bytes):
                 raise _diverge(None, "rebuilt initial workspace vs initial/tree.json",

@@ -287,15 +287,14 @@ class Supervisor:
         o = self.opts
         initial = manifest.scan(ctx.workspace, exclude=ctx.hidden_rel)
         initial_digest = rec.write_manifest("initial", manifest.manifest_bytes(initial))
-        content, unstored = snapshot.store_initial(rec, ctx.workspace, initial, self.redact)
+        stored = snapshot.store_initial(rec, ctx.workspace, initial, self.redact)
         rec.append("run.start", {
             "argv": list(o.argv), "program": program, "workspace": str(ctx.workspace),
             "policy_digest": ctx.policy.digest, "isolation": ctx.backend.name,
             "host_facts": _jsonable(facts),
         })
         rec.append("snapshot.initial", {"tree_digest": initial_digest,
-                                        "entries": len(initial), "content": content,
-                                        "unstored": unstored})
+                                        "entries": len(initial), **stored})
         approval_gate.open_gate(ctx, self._pump, runs_dir=rec.run_dir.parent,
                                 home=o.home or keys.kernel_home(), mode=o.approve,
                                 approve_key=o.approve_key, tty_in=o.tty_in, tty_out=o.tty_out)

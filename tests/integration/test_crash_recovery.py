@@ -87,7 +87,9 @@ def check_recovery(tmp_path: Path, ws: Path, runs: Path, out: Path) -> str:
         assert v1.returncode == 6
         shown = kernel_cmd(["show", str(run_dir), *trust], home=home)
         assert shown.returncode == 0 and "(incomplete)" in shown.stdout.splitlines()[0]
-        assert "status (not ended)" in shown.stdout
+        ended = run_dir.joinpath("log", "events.jsonl").read_bytes().rstrip(b"\n").rsplit(
+            b"\n", 1)[-1].find(b'"type":"run.end"') >= 0
+        assert ("status (not ended)" in shown.stdout) != ended
         r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
         assert r.returncode == 0, r.stderr
         v2 = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"],
@@ -113,6 +115,17 @@ def check_recovery(tmp_path: Path, ws: Path, runs: Path, out: Path) -> str:
             assert data in (expected_content(i), expected_content(i)[:100]), p
     rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
     rep = json.loads(rp.stdout)
+    if "snapshot.initial" not in {e["type"] for e in events}:
+        # killed before the initial content was recorded (and so before the agent started)
+        assert rp.returncode == 11, rep
+        if not (run_dir / "initial" / "tree.json").exists():
+            assert "no initial or final manifest" in rep["problem"], rep
+            return first["status"]
+        # the workspace is still the initial one, which replay then needs
+        assert "not stored" in rep["problem"], rep
+        rp = kernel_cmd(["replay", str(run_dir), *trust, "--json", "--workspace", str(ws)],
+                        home=home)
+        rep = json.loads(rp.stdout)
     assert rp.returncode == 0 and rep["status"] == "identical", rep
     return first["status"]
 
@@ -160,7 +173,7 @@ def test_torn_workspace_temp_file_is_removed_and_kept(tmp_path: Path) -> None:
 def test_kernel_killed_at_a_random_moment_is_recovered(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     proc, ws, runs, out = start_kernel(tmp_path, {})
-    time.sleep(rng.uniform(0.1, 0.45))
+    time.sleep(rng.uniform(0.2, 0.55))
     assert proc.poll() is None, "the run ended before the kill: nothing was tested"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
