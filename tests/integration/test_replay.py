@@ -240,3 +240,29 @@ def test_workspace_holding_the_runs_dir_replays_from_itself(tmp_path: Path) -> N
     assert run.out["status"] == "passed", run.proc.stderr
     rep = replay_run(run.run_dir, [kernel_key(run).public], workspace=ws)
     assert rep.status == "identical", rep.divergence
+
+
+def test_19_initial_content_pack_rewritten_and_resealed_diverges(recorded: Run,
+                                                                 copy: Path) -> None:
+    key = kernel_key(recorded)
+    evs = events(copy)
+    snap = next(e for e in evs if e["type"] == "snapshot.initial")
+    (old,) = snap["body"]["content_blobs"]
+    old_path = copy / "objects" / "sha256" / old[7:9] / old[9:]
+    data = bytearray(old_path.read_bytes())
+    data[0] ^= 0x20  # same size, different bytes: 'a' <-> 'A'
+    new = "sha256:" + hashlib.sha256(bytes(data)).hexdigest()
+    new_path = copy / "objects" / "sha256" / new[7:9] / new[9:]
+    new_path.parent.mkdir(exist_ok=True)
+    new_path.write_bytes(bytes(data))
+    old_path.unlink()
+    if not any(old_path.parent.iterdir()):
+        old_path.parent.rmdir()
+    snap["body"]["content_blobs"] = [new]
+    rechain(copy, evs)
+    reseal(copy, key)
+    assert verify_run(copy, [key.public]).status == "intact"
+    rep = replay_run(copy, [key.public])
+    assert rep.status == "diverged"
+    assert rep.divergence is not None and rep.divergence.seq == snap["seq"]
+    assert "initial content packs" in rep.divergence.what
