@@ -189,7 +189,7 @@ def reforge(run_dir: Path, home: Path, mutate: Any) -> None:
     """Rewrite a sealed run's log with ``mutate(events, put_blob)``, re-chain, re-seal with the
     kernel key in ``home``: every integrity check passes except what the approvals say."""
     from kernel.keys import load_or_create_kernel_key
-    from kernel.recorder import SEAL_SIG_DOMAIN, ZERO_HEAD, utc_timestamp
+    from kernel.recorder import SEAL_SIG_DOMAIN, ZERO_HEAD, iter_blob_refs, utc_timestamp
 
     for root, _dirs, files in os.walk(run_dir):
         os.chmod(root, 0o755)
@@ -227,9 +227,8 @@ def reforge(run_dir: Path, home: Path, mutate: Any) -> None:
             r = fn if rel == "." else f"{rel}/{fn}"
             files[r] = "sha256:" + hashlib.sha256(Path(root, fn).read_bytes()).hexdigest()
     referenced = set()
-    for line in lines:
-        for m in __import__("re").finditer(rb'"[a-z_]*_blob":"(sha256:[0-9a-f]{64})"', line):
-            referenced.add(m.group(1).decode())
+    for e in evs:  # the recorder's own definition of a blob reference (*_blob, *_blobs, blobs)
+        referenced.update(d for _, d in iter_blob_refs(e["body"]))
     for m in ("initial/tree.json", "final/tree.json"):
         for d in __import__("re").findall(r"sha256:[0-9a-f]{64}", (run_dir / m).read_text()):
             referenced.add(d)
