@@ -171,9 +171,21 @@ def test_torn_workspace_temp_file_is_removed_and_kept(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_kernel_killed_at_a_random_moment_is_recovered(tmp_path: Path, seed: int) -> None:
+    """The moment is random but always mid-run: once the agent has reported a random number of
+    acknowledged writes (seed 0: while the kernel is still starting), plus a random delay of up
+    to 3 ms, so the kill lands anywhere in the request/decision/effect/answer cycle."""
     rng = random.Random(seed)
+    target = 0 if seed == 0 else rng.randrange(1, N_WRITES - 5)
     proc, ws, runs, out = start_kernel(tmp_path, {})
-    time.sleep(rng.uniform(0.2, 0.55))
+    if target == 0:
+        time.sleep(rng.uniform(0.05, 0.2))
+    else:
+        deadline = time.monotonic() + 60
+        while out.read_text().count("ACK ") < target:
+            assert proc.poll() is None, "the run ended before the kill: nothing was tested"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.003))
     assert proc.poll() is None, "the run ended before the kill: nothing was tested"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
