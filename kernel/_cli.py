@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kernel import approval_cli, selftest
+from kernel import approval_cli
 from kernel.errors import ExitCode, KernelError, NotFoundError, UsageError
 
 STATUS_EXIT = {
@@ -80,11 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check this in-toto/DSSE attestation of the run (default: "
                    "RUN_DIR.intoto.json when it exists); an invalid one exits 5")
 
+    kl = sub.add_parser("kill", help="end live runs: kill every process, record, seal",
+                        description="Ask the kernel of each named live run (or, with --all, "
+                        "of every live run of the runs dir) to end it: every process of the run "
+                        "is killed, `run.kill` is recorded and the folder is sealed with status "
+                        "killed. Waits until each run has ended. Exit 0 when all have; 8 when a "
+                        "named run is not live; 70 when one did not end in time.")
+    kl.add_argument("run_ids", nargs="*", metavar="RUN", help="run id(s) to end")
+    kl.add_argument("--all", action="store_true", help="end every live run of the runs dir")
+    kl.add_argument("--runs-dir", default="runs", metavar="DIR",
+                    help="the runs dir the runs were started with (default: ./runs)")
+    kl.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="how long to wait for the runs to end (default: 30)")
+    kl.add_argument("--json", action="store_true", help="print {killed, not_live} as JSON")
+
     k = sub.add_parser("key", help="show the kernel's public key (created on first use)")
     k.add_argument("--json", action="store_true")
     _evidence_parsers(sub)
     approval_cli.register(sub)
-    selftest.register(sub)
     return p
 
 
@@ -354,6 +367,42 @@ def _check_attestation(a: argparse.Namespace, run_dir: Path, trusted: list[Any])
     return attest.verify_attestation(run_dir, path, trusted)
 
 
+def _cmd_kill(a: argparse.Namespace) -> int:
+    from kernel import killswitch
+
+    if a.all == bool(a.run_ids):
+        raise UsageError("kernel kill: name run id(s) or give --all (not both)")
+    runs_dir = Path(a.runs_dir)
+    live = killswitch.live_runs(runs_dir)
+    wanted = sorted(live) if a.all else list(dict.fromkeys(a.run_ids))
+    missing = [r for r in wanted if r not in live]
+    targets = [r for r in wanted if r in live]
+    for r in targets:
+        try:
+            killswitch.request_kill(runs_dir, live[r])
+        except ProcessLookupError:
+            pass  # it ended meanwhile
+        except PermissionError as e:
+            raise KernelError(f"run {r}: cannot signal its kernel (pid "
+                              f"{live[r]['kernel_pid']}): {e.strerror}",
+                              hint="run `kernel kill` as the user who started the run") from None
+    left = killswitch.wait_ended(runs_dir, targets, a.timeout)
+    killed = [r for r in targets if r not in left]
+    if a.json:
+        sys.stdout.write(json.dumps({"killed": killed, "not_live": missing,
+                                     "still_live": left}, sort_keys=True) + "\n")
+    else:
+        for r in killed:
+            sys.stdout.write(f"{r}: killed\n")
+    for r in missing:
+        sys.stderr.write(f"kernel kill: run {r} is not live in {runs_dir}\n")
+    if left:
+        raise KernelError(f"run(s) {', '.join(left)} did not end within {a.timeout} s")
+    if missing:
+        return int(ExitCode.NOT_FOUND)
+    return int(ExitCode.OK)
+
+
 def _cmd_key(a: argparse.Namespace) -> int:
     from kernel import keys
 
@@ -368,9 +417,8 @@ def _cmd_key(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key}
+COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key, "kill": _cmd_kill}
 COMMANDS.update(approval_cli.HANDLERS)
-COMMANDS.update(selftest.HANDLERS)
 COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest,
                  "show": _cmd_show})
 

@@ -32,7 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kernel import agentenv, approval_gate, bundle, dispatch, failpoints, keys, manifest, snapshot
+from kernel import (
+    agentenv,
+    approval_gate,
+    bundle,
+    dispatch,
+    failpoints,
+    keys,
+    killswitch,
+    manifest,
+    snapshot,
+)
 from kernel.canonical import canonical_json, digest_of
 from kernel.context import RunContext
 from kernel.controlplane import control_dir
@@ -110,11 +120,14 @@ class RunOutcome:
 
 
 class _Stop(Exception):
-    def __init__(self, status: str, detail: str, breach: str | None = None) -> None:
+    def __init__(self, status: str, detail: str, breach: str | None = None,
+                 kill: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.breach = breach
+        self.kill = kill
+        """For a run ended from outside: the ``run.kill`` record (who asked, which signal)."""
 
 
 def new_run_id() -> str:
@@ -203,6 +216,8 @@ class Supervisor:
         self.out_keep = {1: bytearray(), 2: bytearray()}
         self._pumping: tuple[float, dict[int, int]] = (time.monotonic(), {})
         self.redact: tuple[str, ...] = ()
+        self.live: killswitch.LiveMark | None = None
+        """This run's mark in the control dir: ``kernel kill`` finds the run through it."""
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -265,6 +280,8 @@ class Supervisor:
             self.ctx.agent_env[abi.RUN_ID_ENV] = run_id
             return self._run(rec, availability.facts, program)
         finally:
+            if self.live is not None:
+                self.live.release()
             ws.close()
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -316,6 +333,11 @@ class Supervisor:
         status, detail, breach = "failed", "", None
         started = time.monotonic()
         old_handlers = self._trap_signals()
+        # marked live only once a kill can be served: the signal handlers are in place
+        try:
+            self.live = killswitch.LiveMark.claim(rec.run_dir.parent, ctx.run_id, rec.run_dir)
+        except OSError as e:  # the run goes on; only a signal to this kernel can end it early
+            rec.append("controlplane.error", {"error": f"live mark: {e}"})
         try:
             try:
                 self.sandbox = ctx.backend.start(spec)
@@ -331,6 +353,8 @@ class Supervisor:
                 status = "ended"
             except _Stop as stop:
                 status, detail, breach = stop.status, stop.detail, stop.breach
+                if stop.kill is not None:
+                    rec.append("run.kill", stop.kill)
                 self.sandbox.kill()
                 self.sandbox.wait(5.0)
             code = self.sandbox.wait(5.0)
@@ -392,7 +416,13 @@ class Supervisor:
 
     def _trap_signals(self) -> tuple[Any, Any, Any]:
         def on_signal(signum: int, frame: object) -> None:
-            raise _Stop("killed", f"the kernel received {signal.Signals(signum).name}")
+            name = signal.Signals(signum).name
+            asked = self.live.kill_request() if self.live is not None else None
+            if asked is not None:
+                raise _Stop("killed", f"ended by `kernel kill` (uid {asked.get('uid')})",
+                            kill={"signal": name, **asked})
+            raise _Stop("killed", f"the kernel received {name}",
+                        kill={"signal": name, "by": "signal"})
 
         return (signal.signal(signal.SIGTERM, on_signal),
                 signal.signal(signal.SIGINT, on_signal),
