@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kernel import approval_cli
+from kernel import approval_cli, selftest
 from kernel.errors import ExitCode, KernelError, NotFoundError, UsageError
 
 STATUS_EXIT = {
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     _evidence_parsers(sub)
     approval_cli.register(sub)
+    selftest.register(sub)
     return p
 
 
@@ -419,6 +420,7 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key, "kill": _cmd_kill}
 COMMANDS.update(approval_cli.HANDLERS)
+COMMANDS.update(selftest.HANDLERS)
 COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest,
                  "show": _cmd_show})
 
