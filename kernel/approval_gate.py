@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from kernel import failpoints
 from kernel.approvals import Operator, Tally, check_envelope, eligible_map, resolve
 from kernel.canonical import canonical_json, digest_of
 from kernel.controlplane import ControlPlane
@@ -181,6 +182,7 @@ def _wait(ctx: Any, gate: Gate, pending: Decision, *, pending_seq: int, request_
         **need.as_record(), "operator": gate.operator.as_record(), "mode": gate.mode,
         "preview_blob": preview_blob})
     assert seq == approval_seq, "the recorder is used by one thread only"
+    failpoints.hit("approval.requested")
     if gate.cp is not None:
         u = ctx.ledger.usage
         q = ctx.policy.quotas
@@ -294,6 +296,7 @@ def _take(ctx: Any, gate: Gate, tally: Tally, row: dict[str, Any], binding: dict
     seq = ctx.recorder.append("approval.received", {**base, "reviewer": c.reviewer,
                                                     "decision": c.decision, "reason": c.note})
     tally.add(c, seq)
+    failpoints.hit("approval.received")
     got = resolve(tally)
     if got is None:
         return None

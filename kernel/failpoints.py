@@ -24,6 +24,12 @@ POINTS = (
     "ws.tmp_written",     # a workspace temp file is complete and fsync'd, not yet renamed
     "ws.renamed",         # renamed over the target, the directory not yet fsync'd
     "answer.before_send", # the records are durable; the answer is not yet sent
+    "exec.copied",        # an exec's private copy is made and scanned; the command has not run
+    "exec.captured",      # the command has ended and its copy is scanned; nothing applied yet
+    "approval.requested", # approval.requested is durable; the mailbox row is not yet written
+    "approval.received",  # a valid signature is recorded; the final decision is not yet
+    "seal.before_publish",  # run.end is durable and the log closed; SEAL.json not yet written
+    "seal.published",     # SEAL.json is durable; the folder is not yet made read-only
 )
 
 _NAME: str | None = None

@@ -684,8 +684,10 @@ class RunRecorder:
                 body_bytes = canonical_json(body)
                 sig = self._key.sign(SEAL_SIG_DOMAIN + body_bytes).hex()
                 seal_bytes = canonical_json({"body": body, "sig": sig})
+                failpoints.hit("seal.before_publish")
                 if not publish(self.run_dir, SEAL_FILE, seal_bytes):
                     raise OSError(errno.EEXIST, "SEAL.json already exists")
+                failpoints.hit("seal.published")
                 self._make_read_only()
             except (OSError, TypeError) as e:
                 raise self._fail("sealing", e) from e

@@ -88,6 +88,20 @@ def _unfinished(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(open_.values(), key=lambda u: u["seq"])
 
 
+def _open_approvals(events: list[dict[str, Any]]) -> list[str]:
+    """Approvals requested without a final decision or a cancellation, in request order."""
+    opened: list[str] = []
+    closed: set[str] = set()
+    for e in events:
+        b = e.get("body") or {}
+        if e["type"] == "approval.requested":
+            opened.append(str(b["binding"]["approval_id"]))
+        elif e["type"] == "approval.cancelled" or (
+                e["type"] == "syscall.decision" and b.get("approval_id") is not None):
+            closed.add(str(b["approval_id"]))
+    return [a for a in opened if a not in closed]
+
+
 def _known_paths(run_dir: Path, events: list[dict[str, Any]]) -> set[str]:
     known: set[str] = set()
     init = run_dir / MANIFESTS["initial"]
@@ -154,6 +168,14 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
             final_digest = rec.write_manifest("final", manifest.manifest_bytes(final))
         report.final_tree_digest = final_digest
         if not ended:
+            # An approval the kernel was waiting for when it stopped was never decided: nothing
+            # was performed for it. Record that, as a stopped run does, so the sealed folder
+            # has a closing record for every request for approval.
+            for approval_id in _open_approvals(before):
+                rec.append("approval.cancelled", {
+                    "approval_id": approval_id,
+                    "reason": "the kernel stopped while the request waited; sealed by kernel "
+                    "recover"})
             rec.append("run.recovered", {
                 "last_seq_before": len(before) - 1, "unfinished": report.unfinished,
                 "stray_tmp": strays, "scratch_removed": report.scratch_removed,

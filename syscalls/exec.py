@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernel import approval_gate, evidence, manifest
+from kernel import approval_gate, evidence, failpoints, manifest
 from kernel.canonical import digest_of
 from kernel.context import RunContext
 from kernel.decide import Decision, ExecRequest, Grant, PathFacts, check_exec, deny, grant
@@ -165,6 +165,7 @@ def perform(g: Grant, ctx: RunContext, stdin: bytes, *, req: int, request_digest
         copy = work / "ws"
         manifest.clone_tree(ctx.workspace, copy, exclude=ctx.hidden_rel, uid=uid, gid=gid)
         before = manifest.scan(copy)
+        failpoints.hit("exec.copied")
         stdin_path = work / "stdin"
         stdin_path.write_bytes(stdin)
         stdin_fd = os.open(stdin_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -201,6 +202,7 @@ def perform(g: Grant, ctx: RunContext, stdin: bytes, *, req: int, request_digest
             sb.cleanup()
         elapsed_ms = int((time.monotonic() - started) * 1000)
         after = manifest.scan(copy)
+        failpoints.hit("exec.captured")
         changes = []
         for ch in manifest.diff(before, after):
             change = {"op": ch.op, "path": ch.rel, "mode": ch.mode}

@@ -127,7 +127,8 @@ class BgRun:
 
 def start_run(tmp_path: Path, source: str, policy: str, *, home: Path,
               files: dict[str, str] | None = None, extra: list[str] | None = None,
-              backend: str = "native", name: str = "ws") -> BgRun:
+              backend: str = "native", name: str = "ws",
+              env_extra: dict[str, str] | None = None) -> BgRun:
     base = tmp_path / name
     base.mkdir()
     ws = make_workspace(base, files or {".env": "TOKEN=old\n"})
@@ -135,7 +136,8 @@ def start_run(tmp_path: Path, source: str, policy: str, *, home: Path,
     pol = base / "policy.toml"
     pol.write_text(policy)
     runs = base / "runs"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home), "LANG": "C.UTF-8"}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home), "LANG": "C.UTF-8",
+           **(env_extra or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kernel._cli", "exec", "--json", "--workspace", str(ws),
          "--runs-dir", str(runs), "--isolation", backend, "--policy", str(pol),

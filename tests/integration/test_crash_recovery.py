@@ -238,3 +238,100 @@ def test_kernel_killed_while_applying_changes_captured_from_exec(tmp_path: Path,
     assert v["status"] == "intact" and v["seal_status"] == "aborted"
     rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
     assert rp.returncode == 0, rp.stdout
+
+
+# --- the durable steps of exec, approval and seal -------------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["seal.before_publish", "seal.published"])
+def test_kernel_killed_while_sealing_is_recovered(tmp_path: Path, point: str) -> None:
+    """Killed after run.end is durable: before SEAL.json exists (the folder is incomplete and
+    `recover` seals it) or after it is durable but before the folder is read-only (intact)."""
+    proc, ws, runs, out = start_kernel(tmp_path, {"KERNEL_FAILPOINT": f"{point}:1"})
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert "DONE" in out.read_text()  # the agent had finished: every write was acknowledged
+    (run_dir,) = runs.iterdir()
+    assert (run_dir / "SEAL.json").exists() == (point == "seal.published")
+    home = tmp_path / "home"
+    trust = ["--trust", str(home / "keys" / "kernel.pub")]
+    v1 = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"], home=home).stdout)
+    if point == "seal.before_publish":
+        assert v1["status"] == "incomplete", v1
+        # run.end was durable: recovery seals the folder with the status the run ended with
+        r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["status"] == "passed"
+    v2 = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"], home=home).stdout)
+    assert v2["status"] == "intact" and v2["seal_status"] == "passed", v2
+    for i in range(N_WRITES):
+        assert (ws / f"out/f{i:03d}.txt").read_bytes() == expected_content(i)
+    rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
+    assert rp.returncode == 0, rp.stdout
+
+
+@pytest.mark.parametrize("point", ["exec.copied", "exec.captured"])
+def test_kernel_killed_around_an_exec_applies_nothing_of_it(tmp_path: Path, point: str) -> None:
+    """Killed once the private copy exists (before the command) or once the command's changes
+    are captured (before any is applied): none of them reaches the workspace, the copy is removed
+    by recovery, the write acknowledged before stays."""
+    ws = make_workspace(tmp_path, {"README.md": "x\n"})
+    (ws / "agent.py").write_text(textwrap.dedent(EXEC_AGENT))
+    home, runs = tmp_path / "home", tmp_path / "runs"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
+           "LANG": "C.UTF-8", "KERNEL_FAILPOINT": f"{point}:1"}
+    out = tmp_path / "agent.out"
+    with open(out, "wb") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
+             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
+            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=120).returncode
+    assert rc == -signal.SIGKILL
+    assert "EXEC" not in out.read_text()
+    (run_dir,) = runs.iterdir()
+    run_id = run_dir.name
+    r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert any(run_id in s for s in rep["scratch_removed"]), rep
+    assert not list(Path(tempfile.gettempdir()).glob(f"agent-kernel-{run_id}-*"))
+    assert (ws / "before.txt").read_bytes() == b"x" * 1000
+    assert not list(ws.glob("gen*.txt"))
+    trust = ["--trust", str(home / "keys" / "kernel.pub")]
+    v = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"], home=home).stdout)
+    assert v["status"] == "intact" and v["seal_status"] == "aborted"
+    rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
+    assert rp.returncode == 0, rp.stdout
+
+
+@pytest.mark.parametrize("point", ["approval.requested", "approval.received"])
+def test_kernel_killed_during_an_approval_is_recovered(tmp_path: Path, point: str) -> None:
+    """Killed once the request for approval is durable (before the mailbox row) or once a valid
+    approval is recorded (before the final decision): the protected write is not applied, the
+    folder recovers to intact/aborted and replays."""
+    from tests.approval_helpers import WRITE_ENV_AGENT, new_reviewer, policy_text, start_run
+
+    home = tmp_path / "home"
+    pub = new_reviewer(home, "alice")
+    ring = home / "reviewers.toml"
+    ring.write_text(f'[[reviewers]]\nname = "alice"\npublic_key = "{pub}"\n')
+    run = start_run(tmp_path, WRITE_ENV_AGENT, policy_text(keyring=str(ring)), home=home,
+                    env_extra={"KERNEL_FAILPOINT": f"{point}:1"})
+    if point == "approval.received":
+        (row,) = run.wait_pending()
+        r = run.kernel(["approve", row["id"], "--reason", "ok"])
+        assert r.returncode == 0, r.stderr
+    assert run.proc.wait(timeout=120) == -signal.SIGKILL
+    run.proc.communicate()
+    assert (run.workspace / ".env").read_text() == "TOKEN=old\n"
+    (run_dir,) = run.runs.iterdir()
+    types = [json.loads(line)["type"] for line in
+             (run_dir / "log" / "events.jsonl").read_text().splitlines()]
+    assert types[-1] == point  # the last durable record is the step the kill followed
+    r = kernel_cmd(["recover", str(run_dir), "--json"], home=home)
+    assert r.returncode == 0, r.stderr
+    trust = ["--trust", str(home / "keys" / "kernel.pub")]
+    v = json.loads(kernel_cmd(["verify", str(run_dir), *trust, "--json"], home=home).stdout)
+    assert v["status"] == "intact" and v["seal_status"] == "aborted", v
+    rp = kernel_cmd(["replay", str(run_dir), *trust, "--json"], home=home)
+    assert rp.returncode == 0, rp.stdout
+    assert (run.workspace / ".env").read_text() == "TOKEN=old\n"
