@@ -198,7 +198,13 @@ def _probe_userns() -> str:
     code = os.waitstatus_to_exitcode(status)
     if code == 0:
         return ""
-    return f"cannot create user/mount/pid/net namespaces: {os.strerror(code)}"
+    why = f"cannot create user/mount/pid/net namespaces: {os.strerror(code)}"
+    if code in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS):
+        why += (" (this host forbids or limits user namespaces: see the sysctls "
+                "user.max_user_namespaces and kernel.unprivileged_userns_clone, an AppArmor "
+                "userns restriction, or a container's seccomp profile; the native backend needs "
+                "them, even as root)")
+    return why
 
 
 @dataclass

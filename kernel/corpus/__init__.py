@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -346,7 +345,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _bait() -> Iterator[_Bait]:
-    tmp = Path(tempfile.mkdtemp(prefix="agent-kernel-selftest-"))
+    tmp = Path(tempfile.mkdtemp(prefix="kernel-selftest-bait-"))
     tmp.chmod(0o755)
     secret = f"SELFTEST-SECRET-{uuid.uuid4().hex}"
     marker = f"selftest-marker-{uuid.uuid4().hex}"
@@ -374,7 +373,7 @@ def _bait() -> Iterator[_Bait]:
     host_marker.write_text("host")
     listeners = _Listeners(tmp)
     victim = subprocess.Popen(  # a host process holding the secret in its env and argv
-        [sys.executable, "-c", "import time; time.sleep(600)", secret],
+        [PYTHON, "-c", "import time; time.sleep(600)", secret],
         env={"PATH": "/usr/bin:/bin", "VICTIM_SECRET": secret}, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fd = os.open(secret_path, os.O_RDONLY)
