@@ -371,11 +371,22 @@ def _bait() -> Iterator[_Bait]:
     secret_path.chmod(0o644)
     host_marker = Path(tempfile.gettempdir()) / marker
     host_marker.write_text("host")
-    listeners = _Listeners(tmp)
-    victim = subprocess.Popen(  # a host process holding the secret in its env and argv
-        [PYTHON, "-c", "import time; time.sleep(600)", secret],
-        env={"PATH": "/usr/bin:/bin", "VICTIM_SECRET": secret}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        listeners = _Listeners(tmp)
+    except BaseException:
+        host_marker.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        victim = subprocess.Popen(  # a host process holding the secret in its env and argv
+            [PYTHON, "-c", "import time; time.sleep(600)", secret],
+            env={"PATH": "/usr/bin:/bin", "VICTIM_SECRET": secret}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except BaseException:
+        listeners.close()
+        host_marker.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fd = os.open(secret_path, os.O_RDONLY)
     os.set_inheritable(fd, True)
     old_env = {k: os.environ.get(k) for k in ("AGENT_KERNEL_SELFTEST_SECRET",
