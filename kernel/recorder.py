@@ -268,37 +268,7 @@ def publish(dirpath: Path, name: str, data: bytes, mode: int = 0o644) -> bool:
     behind by a crash), falling back to a hidden temporary name + ``link`` where ``O_TMPFILE`` is
     unsupported; then the directory is fsynced.
     """
-    dfd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=dfd)
-            tmpname = None
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            tmpname = f".tmp-{_secrets.token_hex(8)}"
-            fd = os.open(tmpname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, mode, dir_fd=dfd)
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-            try:
-                if tmpname is None:
-                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
-                else:
-                    os.link(tmpname, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-                created = True
-            except FileExistsError:
-                created = False
-        finally:
-            os.close(fd)
-            if tmpname is not None:
-                os.unlink(tmpname, dir_fd=dfd)
-        os.fsync(dfd)
-        return created
-    finally:
-        os.close(dfd)
+    return publish_many(dirpath, [(name, data)], mode)[0]
 
 
 def publish_many(dirpath: Path, files: Sequence[tuple[str, bytes]], mode: int = 0o644
