@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kernel.corpus import pids_with_marker
 from kernel.errors import SandboxError
 from kernel.policy import Limits
 from sandbox import registry
@@ -166,23 +167,6 @@ def collect(sb: Sandboxed, out_r: int, err_r: int, timeout: float) -> tuple[byte
         except BlockingIOError:
             pass
     return bytes(bufs[out_r]), bytes(bufs[err_r]), timed_out
-
-
-def pids_with_marker(marker: str) -> list[int]:
-    """Host pids whose command line contains ``marker``."""
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if marker.encode() in cmd:
-            found.append(int(entry))
-    return found
 
 
 def wait_gone(marker: str, seconds: float) -> list[int]:

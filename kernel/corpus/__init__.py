@@ -433,7 +433,8 @@ def _spec(b: _Bait, attack: Attack, stdin: int | None, stdout: int, stderr: int)
         read_paths=(AGENT.parent,), wall_seconds=None)
 
 
-def _pids_with(marker: str) -> list[int]:
+def pids_with_marker(marker: str) -> list[int]:
+    """Host pids (other than this process) whose command line contains ``marker``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
@@ -504,7 +505,7 @@ def run_attack(backend: Backend, attack: Attack, *, timeout: float = 60.0) -> Ou
             ok = False
             evidence.append(f"BROKEN: the agent gave no report (status {status}): "
                             f"{text[-300:]!r}")
-        survivors = _pids_with(b.marker)
+        survivors = pids_with_marker(b.marker)
         for pid in survivors:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -613,7 +614,7 @@ def _victim(b: _Bait) -> tuple[bool, str]:
 
 def _no_survivor(marker: str) -> tuple[bool, str]:
     end = time.monotonic() + 5
-    while (left := _pids_with(marker)) and time.monotonic() < end:
+    while (left := pids_with_marker(marker)) and time.monotonic() < end:
         time.sleep(0.05)
     return not left, f"agent processes left on the host: {left}"
 
