@@ -11,22 +11,42 @@ from kernel.decide import Usage
 from kernel.policy import Policy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kernel.paths import Workspace
     from kernel.recorder import RunRecorder
+    from kernel.replication import TreeLedger
     from sandbox.base import Backend
 
 
 @dataclass
 class Ledger:
-    """The quota ledger of one run. Only the supervisor and handlers debit it, after effects."""
+    """The quota ledger of one run. Only the supervisor and handlers debit it, after effects.
 
-    usage: Usage = field(default_factory=Usage)
+    In an agent tree (``spawn``) the ledger is a view on the tree's one ledger: every debit is
+    also debited from every ancestor, and :attr:`usage` is what the policy's quota checks must
+    see so that they allow exactly the agent's remainder (the least room left on its chain)."""
+
+    own: Usage = field(default_factory=Usage)
+    """What this agent itself spent."""
+    tree: TreeLedger | None = None
+    node: str = ""
+    quotas: Any = None
+    """The policy's quotas (the checks compare usage against these)."""
+
+    @property
+    def usage(self) -> Usage:
+        if self.tree is None:
+            return self.own
+        return self.tree.effective_usage(self.node, self.quotas)
 
     def debit(self, **amounts: int) -> None:
-        cur = dataclasses.asdict(self.usage)
+        cur = dataclasses.asdict(self.own)
         for k, v in amounts.items():
             cur[k] += v
-        self.usage = Usage(**cur)
+        self.own = Usage(**cur)
+        if self.tree is not None:
+            self.tree.debit(self.node, **amounts)
 
 
 @dataclass
@@ -55,3 +75,9 @@ class RunContext:
     """Seq of the ``syscall.request`` record being served (bound into approvals)."""
     justification: str = ""
     """The agent's ``justification`` for the request being served (shown to reviewers)."""
+    tree_clock: Callable[[], int] | None = None
+    """The agent tree's one counter of workspace changes (``tseq``): results that changed the
+    shared workspace carry the next value, so a replay can interleave the agents' changes in the
+    order they happened."""
+    spawn_status: Callable[[], dict[str, Any]] | None = None
+    """The ``spawn`` part of the ``info`` answer (lineage, contract, what is left)."""

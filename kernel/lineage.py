@@ -146,11 +146,11 @@ def check(token: object, public: Ed25519PublicKey, *, expect_child: str, now_ns:
         raise ManifestRefused("spawn.manifest.signature", "the manifest is not signed by "
                               "this kernel's key (tampered or forged)") from None
     m = _parse(body)
+    if "sha256:" + hashlib.sha256(body).hexdigest() in presented:
+        raise ManifestRefused("spawn.manifest.replayed", "this manifest was already presented")
     if m.child != expect_child:
         raise ManifestRefused("spawn.manifest.identity", f"the manifest is for child {m.child}, "
                               f"not for {expect_child}")
-    if "sha256:" + hashlib.sha256(body).hexdigest() in presented:
-        raise ManifestRefused("spawn.manifest.replayed", "this manifest was already presented")
     if now_ns >= m.expires_ns:
         raise ManifestRefused("spawn.manifest.expired", "the manifest has expired")
     return m

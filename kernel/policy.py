@@ -224,6 +224,42 @@ class GatePolicy:
                 or bool(self.forbid_denials))
 
 
+SPAWN_METRICS = ("denials", "requests", "bytes_written", "files_written", "exec_count",
+                 "spawns", "live", "expired")
+"""What a spawn stop condition may test (see ``kernel/replication.py``)."""
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """A stop condition: when it holds, the tree spawns no more children (and, with
+    `kill_tree`, the whole tree is ended)."""
+
+    when: str = _f("", "A predicate `METRIC OP N`: METRIC one of " + ", ".join(
+        f"`{m}`" for m in SPAWN_METRICS) + "; OP one of `>=`, `>`, `==`; N a non-negative integer. "
+        "Metrics count over the whole tree (e.g. `denials >= 5`, `bytes_written > 1048576`).")
+    kill_tree: bool = _f(False, "Also end every agent of the tree when the condition holds "
+                         "(recorded in each folder).")
+
+
+@dataclass(frozen=True)
+class SpawnPolicy:
+    """The replication contract: how an agent may start child agents with `spawn`."""
+
+    max_depth: int = _f(0, "Deepest generation allowed below the agent `kernel exec` started "
+                        "(its children are depth 1); 0 refuses every spawn.", min=0, max=64)
+    max_replicas: int = _f(0, "Children alive at once across the whole tree.", min=0,
+                           max=4096)
+    max_spawns: int = _f(0, "Children started in total across the whole tree.", min=0,
+                         max=1 << 20)
+    cooldown_seconds: int = _f(0, "Least time between two spawns of one parent, seconds.",
+                               min=0, max=86400)
+    expiration_seconds: int = _f(300, "A child is killed this long after it was spawned "
+                                 "(recorded in its folder and its parent's).", min=1,
+                                 max=604800)
+    stop: list[StopRule] = _f([], "Stop conditions, `[[spawn.stop]]`, evaluated at every "
+                              "spawn and continuously while the tree runs.")
+
+
 @dataclass(frozen=True)
 class Policy:
     """A whole profile. ``raw`` and ``digest`` identify the exact bytes the run used."""
@@ -238,6 +274,7 @@ class Policy:
     write: WritePolicy = _f(WritePolicy(), "Write bounds.")
     approvals: ApprovalsPolicy = _f(ApprovalsPolicy(), "Approvals.")
     gate: GatePolicy = _f(GatePolicy(), "Gate rules for every run under this profile.")
+    spawn: SpawnPolicy = _f(SpawnPolicy(), "Replication contract for `spawn`.")
     keyring_reviewers: tuple[Reviewer, ...] = field(default=(), metadata={"internal": True})
     """Reviewers read from ``approvals.keyring`` when the run starts (recorded as a blob)."""
     keyring_source: str = field(default="", metadata={"internal": True})
@@ -368,6 +405,9 @@ def _validate(p: Policy, file: str) -> None:
         ):
             raise PolicyError(file, f"{key}.program",
                               f"{c.program!r}: a program name or an absolute path")
+    from kernel.replication import contract_of  # replication builds on this module
+
+    contract_of(p.spawn, file)  # a bad stop condition is a PolicyError naming its key
 
 
 def load_bytes(raw: bytes, *, source: str, name: str = "") -> Policy:

@@ -33,50 +33,17 @@ from typing import Any
 
 from kernel.decide import ALLOWED, Decision, Usage, deny
 from kernel.errors import PolicyError
-from kernel.policy import _build, _f
+from kernel.policy import SPAWN_METRICS, SpawnPolicy, _build
 
 BUDGET_FIELDS = ("syscalls", "bytes_written", "files_written", "exec_count")
 """The quotas a parent hands down to a child (the fields of :class:`~kernel.decide.Usage`)."""
 
-METRICS = ("denials", "requests", "bytes_written", "files_written", "exec_count", "spawns",
-           "live", "expired")
-"""What a stop condition may test, each a tree-wide count: ``denials`` and ``requests`` of every
-agent of the tree, the workspace spend, ``spawns`` granted so far, ``live`` children now,
-children ``expired`` so far."""
+METRICS = SPAWN_METRICS
+"""What a stop condition may test, each a tree-wide count (see ``kernel/policy.py``)."""
+
 
 OPS = (">=", ">", "==")
 _COND_RE = re.compile(r"\s*([a-z_]+)\s*(>=|>|==)\s*(\d{1,18})\s*\Z")
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """A stop condition: when it holds, the tree spawns no more children (and, with
-    `kill_tree`, the whole tree is ended)."""
-
-    when: str = _f("", "A predicate `METRIC OP N`: METRIC one of " + ", ".join(
-        f"`{m}`" for m in METRICS) + "; OP one of `>=`, `>`, `==`; N a non-negative integer. "
-        "Metrics count over the whole tree (e.g. `denials >= 5`, `bytes_written > 1048576`).")
-    kill_tree: bool = _f(False, "Also end every agent of the tree when the condition holds "
-                         "(recorded in each folder).")
-
-
-@dataclass(frozen=True)
-class SpawnPolicy:
-    """The replication contract: how an agent may start child agents with `spawn`."""
-
-    max_depth: int = _f(0, "Deepest generation allowed below the agent `kernel exec` started "
-                        "(its children are depth 1); 0 refuses every spawn.", min=0, max=64)
-    max_replicas: int = _f(0, "Children alive at once across the whole tree.", min=0,
-                           max=4096)
-    max_spawns: int = _f(0, "Children started in total across the whole tree.", min=0,
-                         max=1 << 20)
-    cooldown_seconds: int = _f(0, "Least time between two spawns of one parent, seconds.",
-                               min=0, max=86400)
-    expiration_seconds: int = _f(300, "A child is killed this long after it was spawned "
-                                 "(recorded in its folder and its parent's).", min=1,
-                                 max=604800)
-    stop: list[StopRule] = _f([], "Stop conditions, `[[spawn.stop]]`, evaluated at every "
-                              "spawn and continuously while the tree runs.")
 
 
 @dataclass(frozen=True)
@@ -127,6 +94,11 @@ def contract_from(data: Mapping[str, Any], source: str) -> Contract:
     """Load a ``[spawn]`` table strictly (unknown keys, bad values, bad conditions:
     :class:`PolicyError` naming ``source`` and the dotted key)."""
     sp: SpawnPolicy = _build(SpawnPolicy, data, "spawn", source)
+    return contract_of(sp, source)
+
+
+def contract_of(sp: SpawnPolicy, source: str = "") -> Contract:
+    """The contract of a loaded ``[spawn]`` section (its stop conditions parsed)."""
     conds = []
     for i, s in enumerate(sp.stop):
         try:

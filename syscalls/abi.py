@@ -25,9 +25,12 @@ FD_ENV = "KERNEL_SYSCALL_FD"
 WORKSPACE_ENV = "KERNEL_WORKSPACE"
 """Environment variable holding the workspace root as the agent sees it."""
 RUN_ID_ENV = "KERNEL_RUN_ID"
+MANIFEST_ENV = "KERNEL_SPAWN_MANIFEST"
+"""Set only in a spawned child: its signed manifest, which the client presents with
+``register`` before the child's first other call."""
 
-CALLS = ("write", "exec", "info")
-"""Every call the kernel answers (``spawn`` and ``wait`` are reserved for the spawn contract)."""
+CALLS = ("write", "exec", "info", "spawn", "wait", "register")
+"""Every call the kernel answers."""
 
 WRITE_OPS = ("write", "create", "append", "delete", "mkdir", "rename", "chmod")
 """``write`` creates or replaces; ``create`` fails if the path exists; ``delete`` removes a file,
@@ -39,6 +42,9 @@ CALL_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "write": (("op", "path"), ("content_b64", "mode", "dest", "parents", "justification")),
     "exec": (("argv",), ("cwd", "stdin_b64", "justification")),
     "info": ((), ()),
+    "spawn": (("argv",), ("budget", "justification")),
+    "wait": (("child",), ("timeout_ms",)),
+    "register": (("manifest",), ()),
 }
 REQUEST_FIELDS = ("v", "id", "call", "args")
 
