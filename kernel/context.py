@@ -79,5 +79,7 @@ class RunContext:
     """The agent tree's one counter of workspace changes (``tseq``): results that changed the
     shared workspace carry the next value, so a replay can interleave the agents' changes in the
     order they happened."""
+    lineage: dict[str, Any] | None = None
+    """For a spawned child: ``{"parent", "root", "depth"}`` (None for the root agent)."""
     spawn_status: Callable[[], dict[str, Any]] | None = None
     """The ``spawn`` part of the ``info`` answer (lineage, contract, what is left)."""
