@@ -30,6 +30,10 @@ POINTS = (
     "approval.received",  # a valid signature is recorded; the final decision is not yet
     "seal.before_publish",  # run.end is durable and the log closed; SEAL.json not yet written
     "seal.published",     # SEAL.json is durable; the folder is not yet made read-only
+    "spawn.decided",      # an allowed spawn decision is durable; no child folder yet
+    "spawn.child_created",  # the child's folder exists; its sandbox is not started
+    "spawn.started",      # the child runs; its parent is not yet answered
+    "spawn.exit.before",  # the child is sealed; the parent's spawn.exit is not yet recorded
 )
 
 _NAME: str | None = None
