@@ -44,6 +44,15 @@ def record_decision(ctx: RunContext, decision: Decision, *, req: int | None,
     return ctx.recorder.append("syscall.decision", body)
 
 
+def _tseq(ctx: RunContext) -> dict[str, int]:
+    """``{"tseq": N}`` in an agent tree, else nothing.
+
+    All agents of a tree change one workspace; the tree's one counter orders their changes, so a
+    replay of the tree can re-apply every folder's writes in the order they happened. A failed
+    write carries it too: whether it failed depended on the tree's state at that moment."""
+    return {"tseq": ctx.tree_clock()} if ctx.tree_clock is not None else {}
+
+
 def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision, *,
                 req: int | None, request_digest: str, now_ns: int,
                 extra: dict[str, Any] | None = None) -> Outcome:
@@ -77,13 +86,13 @@ def apply_write(ctx: RunContext, prepared: tuple[WriteRequest, bytes] | Decision
         reason = f"{request.target.rel}: {e.strerror or e}"
         rseq = ctx.recorder.append("syscall.result", {
             "req": req, "request_digest": request_digest, "ok": False,
-            "errno": e.errno or 0, "reason": reason, **(extra or {})})
+            "errno": e.errno or 0, "reason": reason, **(extra or {}), **_tseq(ctx)})
         return Outcome(decision, error=(e.errno or 0, reason, decision.rule, abi.ALLOWED),
                        seq=rseq)
     ctx.ledger.debit(bytes_written=request.payload_bytes, files_written=1)
     rseq = ctx.recorder.append("syscall.result", {
         "req": req, "request_digest": request_digest, "ok": True, "result": result,
-        **(extra or {})})
+        **(extra or {}), **_tseq(ctx)})
     return Outcome(decision, result=result, seq=rseq)
 
 
