@@ -11,6 +11,11 @@ Agent code imports this module to change its workspace::
         print(e.errno, e.rule, e.reason)
     r = k.exec(["ls", "-l"])
     print(r.exit_code, r.stdout)
+    child = k.spawn(["python3", "helper.py"], budget={"syscalls": 100})["child"]
+    print(k.wait(child)["status"])
+
+In a spawned child (``KERNEL_SPAWN_MANIFEST`` is set) the connection presents the child's signed
+manifest with ``register`` before its first other call; nothing needs to be done by hand.
 
 A denial raises :class:`SyscallError`, an ``OSError`` carrying the errno, the id of the rule that
 decided and its reason. The wire protocol is in docs/syscalls.md; this module is one client of it.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,12 +68,28 @@ class ExecResult:
     changes were not applied to the workspace."""
 
 
-class Kernel:
-    """A connection to the kernel over the inherited channel."""
+BUDGET_FIELDS = ("syscalls", "bytes_written", "files_written", "exec_count")
+"""The quotas a ``spawn`` budget may name (each a non-negative integer)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class Kernel:
+    """A connection to the kernel over the inherited channel.
+
+    ``manifest`` is a spawned child's signed manifest (:meth:`from_env` takes it from
+    ``KERNEL_SPAWN_MANIFEST``). When one is given, the connection sends ``register`` with it
+    exactly once, before its first other call; if the kernel refuses it, that first call raises
+    the refusal as :class:`SyscallError` (rule ``spawn.manifest.*``) and later calls are sent
+    unregistered, which the kernel denies (rule ``spawn.unregistered``).
+    """
+
+    def __init__(self, sock: socket.socket, *, manifest: str | None = None) -> None:
         self._sock = sock
         self._next_id = 1
+        self._manifest = manifest
+        self._register_pending = manifest is not None
+        self.registration: dict[str, Any] | None = None
+        """The kernel's answer to ``register`` (child, parent, root, depth, budget,
+        expires_ns) once the manifest was accepted; None before, and for the root agent."""
 
     @classmethod
     def from_env(cls) -> Kernel:
@@ -80,7 +101,7 @@ class Kernel:
             sock = socket.socket(fileno=int(raw))
         except OSError as e:
             raise ChannelError(f"syscall channel fd {raw} is not usable: {e}") from None
-        return cls(sock)
+        return cls(sock, manifest=os.environ.get(abi.MANIFEST_ENV) or None)
 
     def close(self) -> None:
         self._sock.close()
@@ -97,7 +118,16 @@ class Kernel:
         return bytes(buf)
 
     def call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its result; raise SyscallError on a denial."""
+        """Send one request and return its result; raise SyscallError on a denial.
+
+        A connection holding a manifest registers first (see :class:`Kernel`)."""
+        if name == "register":
+            self._register_pending = False
+        elif self._register_pending:
+            self.register()
+        return self._call(name, args)
+
+    def _call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         req_id = self._next_id
         self._next_id += 1
         self._sock.sendall(abi.encode_frame(abi.request(name, args, req_id)))
@@ -179,5 +209,43 @@ class Kernel:
         )
 
     def info(self) -> dict[str, Any]:
-        """Run id, policy summary and remaining quotas."""
+        """Run id, policy summary, remaining quotas and the ``spawn`` part (depth, lineage,
+        contract, spawns left, own children)."""
         return self.call("info", {})
+
+    # -- spawn, wait, register ---------------------------------------------------------------
+
+    def spawn(self, argv: Sequence[str], budget: Mapping[str, int] | None = None,
+              justification: str | None = None) -> dict[str, Any]:
+        """Start a child agent running ``argv`` in its own sandbox, under the policy's
+        ``[spawn]`` contract. ``budget`` names any of :data:`BUDGET_FIELDS`; a field left out
+        gives the child this agent's whole remainder of it. Returns ``{"child": RUN_ID,
+        "depth", "budget", "expires_ns", "manifest_digest"}``."""
+        args: dict[str, Any] = {"argv": list(argv)}
+        if budget is not None:
+            args["budget"] = dict(budget)
+        if justification is not None:
+            args["justification"] = justification
+        return self.call("spawn", args)
+
+    def wait(self, child: str, timeout_ms: int | None = None) -> dict[str, Any]:
+        """Block until ``child`` (one of this agent's own children) has ended and its folder
+        is sealed, or ``timeout_ms`` has passed. Returns ``{"child", "status", "exit_code",
+        "seal", "requests", "denials", "timed_out"}``; on a timeout ``status`` is
+        ``"running"`` and ``seal`` is None. A child always ends, at the latest when it
+        expires."""
+        args: dict[str, Any] = {"child": child}
+        if timeout_ms is not None:
+            args["timeout_ms"] = timeout_ms
+        return self.call("wait", args)
+
+    def register(self) -> dict[str, Any]:
+        """Present this connection's manifest now (normally done by the first call). Raises
+        :class:`SyscallError` if the kernel refuses it, and ValueError if the connection has
+        no manifest (the root agent never registers)."""
+        if self._manifest is None:
+            raise ValueError(f"no manifest to register: {abi.MANIFEST_ENV} is not set")
+        self._register_pending = False  # once per connection, whatever the answer
+        result = self._call("register", {"manifest": self._manifest})
+        self.registration = result
+        return result

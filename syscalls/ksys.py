@@ -8,12 +8,17 @@
     ksys rename PATH DEST
     ksys chmod MODE PATH       (octal, e.g. 644)
     ksys exec [--cwd DIR] -- CMD [ARG...]   relays stdout/stderr, exits with the command's code
-    ksys info                  run id, policy, remaining quotas (JSON)
+    ksys spawn [--budget K=V[,K=V...]] [--why TEXT] -- CMD [ARG...]
+                               start a child agent; prints its run id
+    ksys wait ID [--timeout-ms N]
+                               wait for a child to end; prints the result (JSON)
+    ksys info                  run id, policy, remaining quotas, spawn status (JSON)
 
-Exit codes: 0 success; for ``exec`` the command's own exit code; 2 usage error; 77 denied by
-the kernel (rule id and reason on stderr); 71 a perform-time failure of an allowed request
-(ENOENT, EEXIST...); 74 the channel to the kernel is missing or broken. Documented in
-docs/syscalls.md.
+Exit codes: 0 success; for ``exec`` the command's own exit code; for ``wait`` 0 if the child
+passed (ended with exit code 0) and 1 otherwise (failed, killed, expired, stopped, or still
+running when the timeout passed); 2 usage error; 77 denied by the kernel (rule id and reason on
+stderr); 71 a perform-time failure of an allowed request (ENOENT, EEXIST...); 74 the channel to
+the kernel is missing or broken. Documented in docs/syscalls.md.
 """
 
 from __future__ import annotations
@@ -23,12 +28,48 @@ import json
 import sys
 
 from syscalls import abi
-from syscalls.client import ChannelError, Kernel, SyscallError
+from syscalls.client import BUDGET_FIELDS, ChannelError, Kernel, SyscallError
 
+EXIT_CHILD_NOT_PASSED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 71
 EXIT_CHANNEL = 74
 EXIT_DENIED = 77
+MAX_TIMEOUT_MS = 86_400_000
+
+
+class UsageError(ValueError):
+    """Bad arguments found after parsing: one line on stderr, exit 2."""
+
+
+def parse_budget(values: list[str]) -> dict[str, int] | None:
+    """``["syscalls=100,exec_count=2", "bytes_written=0"]`` -> a budget object (None if no
+    ``--budget`` was given). Raises UsageError naming what is wrong."""
+    if not values:
+        return None
+    budget: dict[str, int] = {}
+    for value in values:
+        for item in value.split(","):
+            key, eq, num = item.strip().partition("=")
+            key, num = key.strip(), num.strip()
+            if not eq or not key:
+                raise UsageError(f"--budget: {item!r} is not K=V")
+            if key not in BUDGET_FIELDS:
+                raise UsageError(f"--budget: unknown quota {key!r} (one of "
+                                 f"{', '.join(BUDGET_FIELDS)})")
+            if key in budget:
+                raise UsageError(f"--budget: {key} given twice")
+            if not num.isdigit() or not num.isascii():
+                raise UsageError(f"--budget: {key}={num!r} is not a non-negative integer")
+            budget[key] = int(num)
+    return budget
+
+
+def _command(argv: list[str], call: str) -> list[str]:
+    cmd = argv[1:] if argv[:1] == ["--"] else argv
+    if not cmd:
+        raise UsageError(f"no command given (ksys {call} -- CMD [ARG...])")
+    return cmd
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("exec", help="run an allowlisted command: ksys exec -- CMD [ARG...]")
     s.add_argument("--cwd", default=None, help="working directory relative to the workspace")
     s.add_argument("argv", nargs=argparse.REMAINDER)
-    sub.add_parser("info", help="run id, policy summary, remaining quotas")
+    s = sub.add_parser("spawn", help="start a child agent: ksys spawn [--budget K=V,...] "
+                       "-- CMD [ARG...]; prints the child's run id")
+    s.add_argument("--budget", action="append", default=[], metavar="K=V[,K=V...]",
+                   help="quotas handed to the child, any of " + ", ".join(BUDGET_FIELDS)
+                   + " (a quota not named: this agent's whole remainder of it)")
+    s.add_argument("--why", default=None, metavar="TEXT", help="justification, recorded")
+    s.add_argument("argv", nargs=argparse.REMAINDER)
+    s = sub.add_parser("wait", help="wait for a child to end; prints the result as JSON and "
+                       "exits 0 if the child passed, 1 otherwise")
+    s.add_argument("child", metavar="ID")
+    s.add_argument("--timeout-ms", default=None, metavar="N",
+                   help=f"give up after N milliseconds (0..{MAX_TIMEOUT_MS})")
+    sub.add_parser("info", help="run id, policy summary, remaining quotas, spawn status")
     return p
 
 
@@ -64,6 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
+    budget: dict[str, int] | None = None
+    timeout_ms: int | None = None
+    cmd: list[str] = []
+    try:
+        if a.cmd in ("exec", "spawn"):
+            cmd = _command(a.argv, a.cmd)
+        if a.cmd == "spawn":
+            budget = parse_budget(a.budget)
+        if a.cmd == "wait" and a.timeout_ms is not None:
+            t = a.timeout_ms.strip()
+            if not t.isdigit() or not t.isascii() or int(t) > MAX_TIMEOUT_MS:
+                raise UsageError(f"--timeout-ms: {a.timeout_ms!r} is not an integer "
+                                 f"0..{MAX_TIMEOUT_MS}")
+            timeout_ms = int(t)
+    except UsageError as e:
+        sys.stderr.write(f"ksys {a.cmd}: {e}\n")
+        return EXIT_USAGE
     try:
         k = Kernel.from_env()
     except ChannelError as e:
@@ -87,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "chmod":
             r = k.chmod(a.path, a.mode)
         elif a.cmd == "exec":
-            cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
-            if not cmd:
-                sys.stderr.write("ksys exec: no command given (ksys exec -- CMD [ARG...])\n")
-                return EXIT_USAGE
             res = k.exec(cmd, cwd=a.cwd)
             sys.stdout.buffer.write(res.stdout)
             sys.stdout.flush()
@@ -104,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write("ksys exec: the command timed out and was killed\n")
             sys.stderr.flush()
             return res.exit_code if 0 <= res.exit_code <= 255 else 128 + (-res.exit_code % 128)
+        elif a.cmd == "spawn":
+            r = k.spawn(cmd, budget, a.why)
+            sys.stdout.write(f"{r.get('child')}\n")
+            return 0
+        elif a.cmd == "wait":
+            r = k.wait(a.child, timeout_ms)
+            sys.stdout.write(json.dumps(r, indent=2, sort_keys=True) + "\n")
+            passed = r.get("status") == "passed" and not r.get("timed_out")
+            return 0 if passed else EXIT_CHILD_NOT_PASSED
         else:
             r = k.info()
             sys.stdout.write(json.dumps(r, indent=2, sort_keys=True) + "\n")
