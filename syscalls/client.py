@@ -219,10 +219,11 @@ class Kernel:
               justification: str | None = None) -> dict[str, Any]:
         """Start a child agent running ``argv`` in its own sandbox, under the policy's
         ``[spawn]`` contract. ``budget`` names any of :data:`BUDGET_FIELDS`; a field left out
-        gives the child this agent's whole remainder of it. Returns ``{"child": RUN_ID,
+        gives the child this agent's whole remainder of it (an empty ``budget`` is sent as
+        none). Returns ``{"child": RUN_ID,
         "depth", "budget", "expires_ns", "manifest_digest"}``."""
         args: dict[str, Any] = {"argv": list(argv)}
-        if budget is not None:
+        if budget:
             args["budget"] = dict(budget)
         if justification is not None:
             args["justification"] = justification
