@@ -345,6 +345,12 @@ def _cmd_verify(a: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         if report.status == "intact":
             sys.stdout.write(f"  {report.events} events, sealed by {report.keyid}\n")
+        if report.lineage is not None:
+            lin = report.lineage
+            sys.stdout.write(f"  spawned by {lin['parent']} (root {lin['root']}, depth "
+                             f"{lin['depth']}); the link is checked when the parent is verified\n")
+        for line in report.child_lines():
+            sys.stdout.write(line + "\n")
         for w in report.warnings:
             sys.stdout.write(f"  warning: {w}\n")
         if att is not None:

@@ -12,7 +12,12 @@
 5. manifests are canonical JSON; every blob hashes to its name;
 6. every blob reference names a blob (or a manifest or the policy); unreferenced blobs;
 7. ``SEAL.json``: signature by the same trusted key, run id, event count, chain head, and its
-   file and directory lists equal to exactly what is present, digests included.
+   file and directory lists equal to exactly what is present, digests included;
+8. the agent tree: every child that an allowed ``spawn`` decision granted, in the sibling folder
+   ``<runs_dir>/<child id>``, verified the same way (recursively), linked both ways (the child's
+   ``lineage`` names this run, the decision's seq and record hash and the manifest digest; the
+   manifest is signed by this run's kernel key; the parent's ``spawn.exit`` holds the child's
+   seal digest). The report's status is the worst of the tree.
 
 Folder content never makes this raise: any problem, even an unexpected exception, becomes
 status ``corrupt`` with the reason. Format: ``docs/runs-format.md``.
@@ -45,6 +50,7 @@ from kernel.recorder import (
     OBJECTS_DIR,
     POLICY_FILE,
     RUN_FORMAT,
+    RUN_ID_RE,
     RUN_JSON,
     RUN_SIG,
     RUN_SIG_DOMAIN,
@@ -82,11 +88,39 @@ class VerifyReport:
     keyid: str | None
     warnings: list[str] = field(default_factory=list)
     seal_status: str | None = None  # the status recorded in SEAL.json (only when intact)
+    folder_status: str | None = None
+    """This folder's own status, its children left aside (``status`` is the whole tree's)."""
+    lineage: dict[str, Any] | None = None
+    """For a spawned child: ``{"parent", "root", "depth"}`` from its ``run.json``."""
+    children: list[VerifyReport] = field(default_factory=list)
+    """The reports of the children this run spawned, in the order they were granted."""
+    seal: str | None = None
+    """Digest of ``SEAL.json`` (what a parent's ``spawn.exit`` records), when sealed."""
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "problem": self.problem, "run_id": self.run_id,
                 "events": self.events, "keyid": self.keyid, "warnings": list(self.warnings),
-                "seal_status": self.seal_status}
+                "seal_status": self.seal_status,
+                "folder_status": self.folder_status or self.status, "seal": self.seal,
+                "lineage": self.lineage, "children": [c.to_json() for c in self.children]}
+
+    def tree(self) -> list[VerifyReport]:
+        """This report and every descendant's, depth first."""
+        return [self, *(r for c in self.children for r in c.tree())]
+
+    def child_lines(self, indent: str = "  ") -> list[str]:
+        """One line per descendant, indented by generation (what ``kernel verify`` prints)."""
+        out = []
+        for c in self.children:
+            line = f"{indent}child {c.run_id}: {c.status}"
+            if c.seal_status is not None:
+                line += f", sealed {c.seal_status}"
+            if c.status != INTACT and c.problem:
+                line += f": {c.problem}"
+            out.append(line)
+            out.extend(f"{indent}  warning: {w}" for w in c.warnings)
+            out.extend(c.child_lines(indent + "  "))
+        return out
 
 
 class _Corrupt(Exception):
@@ -121,6 +155,10 @@ class _Verifier:
         self.leftovers: list[str] = []
         self.digests: dict[str, str] = {}  # relpath -> sha256:<hex>
         self.last_type: str | None = None
+        self.lineage: dict[str, Any] | None = None
+        self.log_data = b""
+        self.linked: list[tuple[int, int, int]] = []
+        self.seal_digest: str | None = None
 
     # ---- helpers ----
 
@@ -233,6 +271,7 @@ class _Verifier:
         if hdr["hash_alg"] != "sha256":
             raise _Corrupt(f"{RUN_JSON}: hash_alg {hdr['hash_alg']!r} is not accepted (sha256)")
         self.run_id = hdr["run_id"]
+        self.lineage = _lineage_of(hdr)
         if self.run_id != self.root.name:
             self.warnings.append(f"{RUN_JSON}: run_id {self.run_id!r} differs from the folder "
                                  f"name {self.root.name!r}")
@@ -288,6 +327,7 @@ class _Verifier:
             self.warnings.append(f"{LOG_FILE}: torn last line ({tail} bytes at offset {end}) "
                                  "ignored: it was never acknowledged")
         assert self.run_id is not None
+        self.log_data = data[:end]
         chunks = _scan_log(data, end, self.run_id)
         error: tuple[int, int, str] | None = None
         prev_chunk: _Chunk | None = None
@@ -314,6 +354,7 @@ class _Verifier:
             raise _Corrupt(error[2])
         self.warnings.extend(w for c in chunks for w in c.warnings)
         self.refs = [r for c in chunks for r in c.refs]
+        self.linked = [x for c in chunks for x in c.linked]
         self.events = sum(c.count for c in chunks)
         self.head = prev_chunk.last_hash if prev_chunk is not None else ZERO_HEAD
         self.last_type = prev_chunk.last_type if prev_chunk is not None else None
@@ -430,6 +471,7 @@ class _Verifier:
             raise _Corrupt(f"{SEAL_FILE}: unreferenced lists blobs that are referenced: "
                            f"{sorted(set(declared) - set(self.orphans))}")
         self.seal_status: str | None = body["status"]
+        self.seal_digest = self.digests[SEAL_FILE]
 
     def modes(self) -> None:
         dirs = set(self.dirs)
@@ -490,8 +532,11 @@ class _Verifier:
             raise _Corrupt(f"{LOG_FILE}: {problem}")
 
     def report(self, status: str, problem: str | None) -> VerifyReport:
+        lin = None if self.lineage is None else {k: self.lineage[k]
+                                                 for k in ("parent", "root", "depth")}
         return VerifyReport(status=status, problem=problem, run_id=self.run_id,
-                            events=self.events, keyid=self.keyid, warnings=self.warnings)
+                            events=self.events, keyid=self.keyid, warnings=self.warnings,
+                            folder_status=status, lineage=lin, seal=self.seal_digest)
 
 
 def _kind(mode: int) -> str:
@@ -530,13 +575,25 @@ def _verifies(pub: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
     return True
 
 
-def verify_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey]) -> VerifyReport:
-    """Verify one run folder against the auditor's trusted kernel public keys.
+def verify_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
+               children: bool = True) -> VerifyReport:
+    """Verify one run folder, and the folders of the children it spawned, against the auditor's
+    trusted kernel public keys.
 
     Raises NotFoundError only if ``run_dir`` does not exist or is not a directory; everything
-    about the folder's content is reported in the returned :class:`VerifyReport`.
+    about the folder's content (and its children's) is reported in the returned
+    :class:`VerifyReport`, whose ``status`` is the worst of the tree. ``children=False`` checks
+    the folder alone (``folder_status`` is then ``status``).
     """
     run_dir = Path(run_dir)
+    _check_dir(run_dir)
+    report, v = _verify_folder(run_dir, trusted)
+    if children and report.status != CORRUPT:
+        _Tree(trusted).check(v, report, {v.run_id or run_dir.name})
+    return report
+
+
+def _check_dir(run_dir: Path) -> None:
     try:
         st = os.lstat(run_dir)
     except FileNotFoundError:
@@ -545,13 +602,212 @@ def verify_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey]) -> VerifyRepo
         raise NotFoundError(f"run folder {run_dir} cannot be read: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise NotFoundError(f"{run_dir} is not a directory (a run folder is a directory)")
+
+
+def _verify_folder(run_dir: Path, trusted: Sequence[Ed25519PublicKey]
+                   ) -> tuple[VerifyReport, _Verifier]:
     v = _Verifier(run_dir, trusted)
     try:
-        return v.run()
+        return v.run(), v
     except _Corrupt as e:
-        return v.report(CORRUPT, str(e))
+        return v.report(CORRUPT, str(e)), v
     except Exception as e:  # folder content must never crash the verifier
-        return v.report(CORRUPT, f"unexpected error while verifying: {type(e).__name__}: {e}")
+        return v.report(CORRUPT, f"unexpected error while verifying: {type(e).__name__}: {e}"), v
+
+
+# ---- the agent tree: children spawned by a run ----
+
+_LINEAGE_KEYS = ("parent", "root", "depth", "manifest", "manifest_digest", "parent_decision_seq",
+                 "parent_decision_hash")
+_RANK = {INTACT: 0, INCOMPLETE: 1, CORRUPT: 2}
+_MAX_TREE_DEPTH = 256
+
+
+def _lineage_of(hdr: dict[str, Any]) -> dict[str, Any] | None:
+    """``run.json``'s ``lineage`` (a spawned child's link to its parent), shape-checked."""
+    if "lineage" not in hdr:
+        return None
+    lin = hdr["lineage"]
+    if type(lin) is not dict:
+        raise _Corrupt(f"{RUN_JSON}: lineage must be an object")
+    for k in _LINEAGE_KEYS:
+        want: type = int if k in ("depth", "parent_decision_seq") else str
+        if type(lin.get(k)) is not want:
+            raise _Corrupt(f"{RUN_JSON}: lineage.{k} missing or not {want.__name__}")
+    if lin["depth"] < 1:
+        raise _Corrupt(f"{RUN_JSON}: lineage.depth {lin['depth']} (a child is at depth 1 or "
+                       "more)")
+    return lin
+
+
+@dataclass
+class _Grant:
+    """An allowed ``spawn`` decision in the parent's log, and what the log says about it."""
+
+    seq: int
+    hash: str
+    body: dict[str, Any]
+    started: int | None = None  # seq of the spawn's syscall.result
+    exit_seq: int | None = None
+    exit: dict[str, Any] | None = None
+
+
+class _Tree:
+    """Checks the children of a verified folder (and theirs, through :func:`_verify_folder`)."""
+
+    def __init__(self, trusted: Sequence[Ed25519PublicKey]) -> None:
+        self.trusted = trusted
+
+    def check(self, v: _Verifier, report: VerifyReport, seen: set[str]) -> None:
+        """Verify ``v``'s children into ``report.children``; worsen ``report`` to the tree's."""
+        try:
+            grants = self._grants(v)
+        except _Corrupt as e:
+            _worsen(report, CORRUPT, str(e))
+            return
+        for child, g in grants.items():
+            child_report, problem = self._child(v, child, g, seen)
+            if child_report is not None:
+                report.children.append(child_report)
+            if problem is not None:
+                _worsen(report, *problem)
+            if report.status == CORRUPT:
+                return
+
+    def _grants(self, v: _Verifier) -> dict[str, _Grant]:
+        """Every child granted in ``v``'s log, with its start and its ``spawn.exit``."""
+        grants: dict[str, _Grant] = {}
+        by_key: dict[tuple[Any, Any], str] = {}
+        for seq, offset, length in v.linked:  # lines naming a child (none: no spawn, no cost)
+            line = v.log_data[offset:offset + length]
+            ev = json.loads(line)
+            t, b = ev["type"], ev["body"]
+            where = f"{LOG_FILE} seq {seq}"
+            child = b.get("child")
+            if t == "syscall.decision" and b.get("decision") == "allowed" and \
+                    b.get("rule") == "spawn":
+                if not isinstance(child, str) or not RUN_ID_RE.fullmatch(child) or \
+                        ".." in child:
+                    raise _Corrupt(f"{where}: spawn decision grants child {child!r}, which is "
+                                   "not a run id")
+                if child in grants:
+                    raise _Corrupt(f"{where}: child {child} granted a second time (first at "
+                                   f"seq {grants[child].seq})")
+                grants[child] = _Grant(seq, hashlib.sha256(line).hexdigest(), b)
+                by_key[(b.get("req"), b.get("request_digest"))] = child
+            elif t == "syscall.result" and by_key.get((b.get("req"),
+                                                        b.get("request_digest"))) == child:
+                grants[child].started = seq
+            elif t == "spawn.exit":
+                g = grants.get(child) if isinstance(child, str) else None
+                if g is None:
+                    raise _Corrupt(f"{where}: spawn.exit for child {child!r}, which no allowed "
+                                   "spawn decision before it granted")
+                if g.exit_seq is not None:
+                    raise _Corrupt(f"{where}: second spawn.exit for child {child} (first at "
+                                   f"seq {g.exit_seq})")
+                g.exit_seq, g.exit = seq, b
+        return grants
+
+    def _child(self, v: _Verifier, child: str, g: _Grant, seen: set[str]
+               ) -> tuple[VerifyReport | None, tuple[str, str] | None]:
+        """The child's report and the problem it makes for the tree, if any."""
+        sealed = v.seal_digest is not None
+        name = f"child {child} (granted at {v.run_id}'s {LOG_FILE} seq {g.seq})"
+        if sealed and g.exit is None:
+            return None, (CORRUPT, f"{name}: the sealed parent has no spawn.exit for it")
+        if child in seen or len(seen) > _MAX_TREE_DEPTH:
+            return None, (CORRUPT, f"{name}: appears twice in the tree (a loop of lineages)")
+        child_dir = v.root.parent / child
+        try:
+            _check_dir(child_dir)
+        except NotFoundError as e:
+            if sealed or g.exit is not None or g.started is not None:
+                return None, (CORRUPT, f"{name}: folder missing: {e}")
+            v.warnings.append(f"{name}: no folder (the kernel stopped before creating it)")
+            return None, None
+        report, cv = _verify_folder(child_dir, self.trusted)
+        if report.status == CORRUPT:
+            return report, (CORRUPT, f"{name}: its folder {child_dir} is corrupt: "
+                            f"{report.problem}")
+        problem = self._link(v, child, g, cv)
+        if problem is not None:
+            report.status, report.problem = CORRUPT, problem
+            return report, (CORRUPT, f"{name}: {problem}")
+        self.check(cv, report, seen | {child})
+        if report.status == CORRUPT:
+            return report, (CORRUPT, f"{name}: {report.problem}")
+        if g.exit is not None:
+            ex = g.exit
+            if cv.seal_digest is None:
+                return report, (CORRUPT, f"{name}: not sealed, but the parent's spawn.exit "
+                                f"(seq {g.exit_seq}) records its seal {ex.get('seal')!r}")
+            if ex.get("seal") != cv.seal_digest:
+                return report, (CORRUPT, f"{name}: its seal is {cv.seal_digest}, but the "
+                                f"parent's spawn.exit (seq {g.exit_seq}) records "
+                                f"{ex.get('seal')!r} (child folder swapped or re-sealed)")
+            if ex.get("status") != cv.seal_status:
+                return report, (CORRUPT, f"{name}: sealed {cv.seal_status!r}, but the "
+                                f"parent's spawn.exit (seq {g.exit_seq}) says "
+                                f"{ex.get('status')!r}")
+        if report.status == INCOMPLETE:
+            return report, (INCOMPLETE, f"{name}: {report.problem}")
+        return report, None
+
+    def _link(self, v: _Verifier, child: str, g: _Grant, cv: _Verifier) -> str | None:
+        """Why the child's ``lineage`` does not point back at this grant (None: it does)."""
+        from kernel import lineage
+
+        lin = cv.lineage
+        if cv.run_id != child:
+            return f"{RUN_JSON}: run_id is {cv.run_id!r}, not {child}"
+        if lin is None:
+            return f"{RUN_JSON} has no lineage: not the run of a spawned child"
+        if lin["parent"] != v.run_id:
+            return (f"lineage names parent {lin['parent']!r}, but {v.run_id} granted it "
+                    f"(seq {g.seq})")
+        if lin["parent_decision_seq"] != g.seq or lin["parent_decision_hash"] != g.hash:
+            return (f"lineage points at the parent's decision seq {lin['parent_decision_seq']} "
+                    f"hash {lin['parent_decision_hash'][:16]}..., but the granting decision is "
+                    f"seq {g.seq} hash {g.hash[:16]}...")
+        p_root = v.run_id if v.lineage is None else v.lineage["root"]
+        p_depth = 0 if v.lineage is None else v.lineage["depth"]
+        if lin["root"] != p_root or lin["depth"] != p_depth + 1:
+            return (f"lineage says root {lin['root']!r} depth {lin['depth']}; the parent's "
+                    f"root is {p_root!r} at depth {p_depth}")
+        want = g.body.get("manifest_digest")
+        token = lin["manifest"]
+        try:
+            got = lineage.digest(token)
+        except lineage.ManifestRefused as e:
+            return f"lineage manifest refused ({e.rule}): {e.reason}"
+        if lin["manifest_digest"] != want or got != want:
+            return (f"manifest digest {got} (lineage says {lin['manifest_digest']}) differs from "
+                    f"the granting decision's {want!r}")
+        now_ns = g.body.get("now_ns")
+        if type(now_ns) is not int:
+            return f"the granting decision (seq {g.seq}) has no now_ns"
+        assert v.pub is not None
+        try:  # valid when the parent's kernel granted it, under the key that signed the parent
+            m = lineage.check(token, v.pub, expect_child=child, now_ns=now_ns, presented=())
+        except lineage.ManifestRefused as e:
+            return f"lineage manifest refused ({e.rule}): {e.reason}"
+        budget = {k: getattr(m.budget, k) for k in ("syscalls", "bytes_written",
+                                                     "files_written", "exec_count")}
+        for what, got_v, want_v in (("parent", m.parent, v.run_id), ("root", m.root, p_root),
+                                    ("depth", m.depth, p_depth + 1),
+                                    ("policy_digest", m.policy_digest, cv.policy_digest),
+                                    ("budget", budget, g.body.get("budget")),
+                                    ("expires_ns", m.expires_ns, g.body.get("expires_ns"))):
+            if got_v != want_v:
+                return (f"manifest {what} is {got_v!r}, but the run and the granting decision "
+                        f"say {want_v!r}")
+        return None
+
+
+def _worsen(report: VerifyReport, status: str, problem: str) -> None:
+    if _RANK[status] > _RANK[report.status]:
+        report.status, report.problem = status, problem
 
 
 # ---- the log scan: the hot loop, optionally split across processes ----
@@ -577,6 +833,8 @@ class _Chunk:
     last_type: str | None = None
     refs: list[tuple[int, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    linked: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(seq, offset, length)`` of lines whose body names a ``child`` (the agent tree)."""
 
 
 def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
@@ -644,6 +902,8 @@ def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
             if b"_blob" in line or b'"blobs"' in line:
                 for path, d in iter_blob_refs(ev["body"]):
                     c.refs.append((seq, path, d))
+            if "child" in ev["body"]:
+                c.linked.append((seq, offset, len(line)))
         except (ValueError, RecursionError) as e:
             where = f"{LOG_FILE} seq {seq} (line {seq + 1}, byte offset {offset})"
             c.error = (seq, rank, f"{where}: {e}")
@@ -686,6 +946,7 @@ def _chunk_from_json(raw: bytes) -> _Chunk:
     c = _Chunk(**d)
     c.error = (int(d["error"][0]), int(d["error"][1]), str(d["error"][2])) if d["error"] else None
     c.refs = [(int(s), str(p), str(g)) for s, p, g in d["refs"]]
+    c.linked = [(int(s), int(o), int(n)) for s, o, n in d["linked"]]
     return c
 
 
