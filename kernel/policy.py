@@ -231,8 +231,8 @@ SPAWN_METRICS = ("denials", "requests", "bytes_written", "files_written", "exec_
 
 @dataclass(frozen=True)
 class StopRule:
-    """A stop condition: when it holds, the tree spawns no more children (and, with
-    `kill_tree`, the whole tree is ended)."""
+    """A stop condition: when it holds, no more children are spawned (with `kill_tree`, \
+the whole tree is ended)."""
 
     when: str = _f("", "A predicate `METRIC OP N`: METRIC one of " + ", ".join(
         f"`{m}`" for m in SPAWN_METRICS) + "; OP one of `>=`, `>`, `==`; N a non-negative integer. "
@@ -507,6 +507,8 @@ def reference_markdown() -> str:
     section(ApprovalsPolicy, "[approvals]")
     section(Reviewer, "[[approvals.reviewers]]")
     section(GatePolicy, "[gate]")
+    section(SpawnPolicy, "[spawn]")
+    section(StopRule, "[[spawn.stop]]")
     return "\n".join(lines).rstrip() + "\n"
 
 

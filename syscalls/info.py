@@ -40,4 +40,6 @@ def handle(ctx: RunContext, args: dict[str, Any], *, now_ns: int, request_digest
         "commands": [c.id for c in p.commands],
         "protected": [{"glob": r.glob, "action": r.action} for r in p.protected],
     }
+    if ctx.spawn_status is not None:
+        result["spawn"] = ctx.spawn_status()
     return Outcome(decision, result=result, seq=seq)
