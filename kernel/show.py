@@ -7,9 +7,16 @@ sandbox, agent exit, verifications, gate, run end) appear in order between them.
 requests by call, decisions by outcome, denials by rule, bytes and files written, execs, and the
 gate's verdict.
 
+A run that spawned children lists them (id, command, budget, how each ended: status, exit code,
+seal digest, request and denial counts from the parent's ``spawn.exit``, and the verdict of
+verifying the child's own folder); a spawned child shows its lineage (parent, root, depth, the
+granting decision, the manifest digest).
+
 Everything shown comes from the recorded events, which hold no secret value (the recorder
 redacts known secrets before writing), so nothing here can reveal one. The folder is verified
-first; a corrupt folder is refused (its content cannot be trusted to mean anything).
+first; a corrupt folder is refused (its content cannot be trusted to mean anything). A folder
+that verifies but whose tree does not (a child missing, swapped or corrupt) is shown, with the
+tree's verdict and each child's.
 """
 
 from __future__ import annotations
@@ -43,6 +50,15 @@ def _args_summary(call: str | None, body: dict[str, Any]) -> str:
     if call == "exec":
         argv = a.get("argv")
         return " ".join(map(str, argv)) if isinstance(argv, list) else str(argv)
+    if call == "spawn":
+        argv = a.get("argv")
+        s = " ".join(map(str, argv)) if isinstance(argv, list) else str(argv)
+        if isinstance(a.get("budget"), dict):
+            s += " budget " + " ".join(f"{k}={v}" for k, v in sorted(a["budget"].items()))
+        return s
+    if call == "wait":
+        return f"child {a.get('child')}" + (f" (timeout {a['timeout_ms']} ms)"
+                                            if "timeout_ms" in a else "")
     if a.get("inline") is False:
         return "(arguments stored as a blob)"
     return json.dumps(a, sort_keys=True)[:120] if a else ""
@@ -61,10 +77,12 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
                               "decisions": Counter(), "denials_by_rule": Counter(),
                               "bytes_written": 0, "files_written": 0, "execs": 0,
                               "verifications": {}, "gate": None, "status": None}
+    children: dict[str, dict[str, Any]] = {}
     t0 = events[0]["ts"] if events else None
     for e in events:
         t, b, seq = e["type"], e["body"], e["seq"]
         key = (b.get("req"), b.get("request_digest"))
+        _note_child(children, t, b, seq)
         if t == "syscall.request":
             item = {"kind": "request", "seq": seq, "ts": e["ts"], "req": b.get("req"),
                     "call": b.get("call"), "what": _args_summary(b.get("call"), b),
@@ -129,10 +147,35 @@ def build(events: Sequence[dict[str, Any]], header: dict[str, Any]) -> dict[str,
                       "what": _event_summary(t, b)})
     for k in ("requests", "decisions", "denials_by_rule"):
         totals[k] = dict(sorted(totals[k].items()))
+    totals["spawns"] = len(children)
+    lin = header.get("lineage")
+    lineage = None if not isinstance(lin, dict) else {
+        k: lin.get(k) for k in ("parent", "root", "depth", "parent_decision_seq",
+                                "manifest_digest")}
     return {"run_id": header.get("run_id"), "argv": header.get("argv"),
             "workspace": header.get("workspace"), "policy": header.get("policy_name"),
-            "isolation": header.get("isolation"), "started": t0,
-            "timeline": items, "totals": totals}
+            "isolation": header.get("isolation"), "started": t0, "lineage": lineage,
+            "children": list(children.values()), "timeline": items, "totals": totals}
+
+
+def _note_child(children: dict[str, dict[str, Any]], t: str, b: dict[str, Any],
+                seq: int) -> None:
+    """Collect the children this run spawned: granted, started, ended (``spawn.exit``)."""
+    child = b.get("child")
+    if not isinstance(child, str):
+        return
+    if t == "syscall.decision" and b.get("decision") == "allowed" and b.get("rule") == "spawn":
+        req = (b.get("facts") or {}).get("request") or {}
+        children[child] = {"run_id": child, "granted_seq": seq, "argv": req.get("argv"),
+                           "budget": b.get("budget"), "expires_ns": b.get("expires_ns"),
+                           "manifest_digest": b.get("manifest_digest"), "started": None,
+                           "status": None, "exit_code": None, "seal": None, "requests": None,
+                           "denials": None, "ended_seq": None, "verify": None}
+    elif t == "syscall.result" and child in children and "timed_out" not in b:  # not a wait's
+        children[child]["started"] = bool(b.get("ok"))
+    elif t == "spawn.exit" and child in children:
+        children[child].update({k: b.get(k) for k in ("status", "exit_code", "seal", "requests",
+                                                      "denials")}, ended_seq=seq)
 
 
 def _approval_target(b: dict[str, Any], by_digest: dict[str, dict[str, Any]],
@@ -168,6 +211,13 @@ def _count_result(totals: dict[str, Any], b: dict[str, Any]) -> None:
 def _result(b: dict[str, Any]) -> dict[str, Any]:
     if not b.get("ok"):
         return {"ok": False, "errno": b.get("errno"), "reason": b.get("reason")}
+    if isinstance(b.get("child"), str):
+        if "timed_out" in b:  # wait
+            if b.get("timed_out"):
+                return {"ok": True, "summary": f"child {b['child']} still running (timed out)"}
+            return {"ok": True, "summary": f"child {b['child']} ended: {b.get('status')}, "
+                    f"exit {b.get('exit_code')}"}
+        return {"ok": True, "summary": f"child {b['child']} started (pid {b.get('pid')})"}
     res = b.get("result") or {}
     if "exit_code" in res:
         return {"ok": True, "summary": f"exit {res.get('exit_code')}"
@@ -201,6 +251,17 @@ def _event_summary(t: str, b: dict[str, Any]) -> str:
         return "gate passed" if b.get("passed") else f"gate FAILED: {', '.join(bad)}"
     if t == "run.end":
         return f"run ended: {b.get('status')}"
+    if t == "spawn.exit":
+        seal = b.get("seal")
+        return (f"child {b.get('child')} ended: {b.get('status')}, exit {b.get('exit_code')}, "
+                f"{b.get('requests')} requests, {b.get('denials')} denials, seal "
+                + (seal[:19] + "..." if isinstance(seal, str) else "none"))
+    if t == "spawn.stop":
+        return (f"stop condition `{b.get('condition')}` holds ({b.get('rule')}): no more "
+                "spawns" + ("; the whole tree is ended" if b.get("kill_tree") else ""))
+    if t == "run.kill":
+        return f"ended from outside: {b.get('by')}" + (f" (signal {b['signal']})"
+                                                       if b.get("signal") else "")
     if t == "log.torn_tail":
         return f"torn last line kept as evidence ({b.get('length')} bytes)"
     if t == "run.recovered":
@@ -224,7 +285,23 @@ def render(view: dict[str, Any], verify_status: str) -> str:
     out = [f"run {view['run_id']} ({verify_status})",
            f"  agent: {' '.join(map(str, view.get('argv') or []))}",
            f"  workspace: {view.get('workspace')}  policy: {view.get('policy')}  "
-           f"isolation: {view.get('isolation')}", ""]
+           f"isolation: {view.get('isolation')}"]
+    lin = view.get("lineage")
+    if lin:
+        out.append(f"  lineage: spawned by {lin['parent']} (decision seq "
+                   f"{lin['parent_decision_seq']}), root {lin['root']}, depth {lin['depth']}, "
+                   f"manifest {str(lin['manifest_digest'])[:19]}...")
+    for c in view.get("children") or []:
+        seal = c.get("seal")
+        ended = (f"{c['status']}, exit {c['exit_code']}, {c['requests']} requests, "
+                 f"{c['denials']} denials, seal {seal[:19]}..." if isinstance(seal, str)
+                 else "not ended" if c.get("started") is not False else "could not start")
+        verdict = f"; folder {c['verify']}" if c.get("verify") else ""
+        out.append(f"  child {c['run_id']} (seq {c['granted_seq']}): "
+                   f"{' '.join(map(str, c.get('argv') or []))}: {ended}{verdict}")
+    if view.get("tree_problem"):
+        out.append(f"  tree: {view['tree_problem']}")
+    out.append("")
     t0 = view.get("started")
     for it in view["timeline"]:
         when = _rel(it["ts"], t0)
@@ -267,6 +344,8 @@ def render(view: dict[str, Any], verify_status: str) -> str:
                                                  t["verifications"].items()))
     if t["gate"]:
         out.append(f"  gate {t['gate']}")
+    if t.get("spawns"):
+        out.append(f"  children spawned {t['spawns']}")
     out.append(f"  status {t['status'] or '(not ended)'}")
     return "\n".join(out) + "\n"
 
@@ -275,11 +354,17 @@ def show_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey]) -> tuple[dict[s
     """``(view, verify status)``; raises RunIntegrityError for a corrupt folder."""
     run_dir = Path(run_dir)
     vr = verify_run(run_dir, trusted)
-    if vr.status == CORRUPT:
+    if vr.folder_status == CORRUPT:
         raise RunIntegrityError(f"{run_dir}: corrupt: {vr.problem}",
                                 hint="`kernel verify` names what is wrong; nothing is shown "
                                 "from a folder that does not verify")
     header = json.loads((run_dir / RUN_JSON).read_bytes())
     data = (run_dir / LOG_FILE).read_bytes()
     events = [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
-    return build(events, header), vr.status
+    view = build(events, header)
+    verdicts = {c.run_id: c.status for c in vr.children}
+    for c in view["children"]:
+        c["verify"] = verdicts.get(c["run_id"], "not verified")
+    if vr.status != vr.folder_status:
+        view["tree_problem"] = vr.problem
+    return view, vr.status
