@@ -70,11 +70,12 @@ def register(sub: Any) -> None:
     ke.add_argument("names", nargs="*", metavar="NAME")
 
     r = sub.add_parser("runs", help="the runs index; `runs show RUN` for one run",
-                       description="List runs from the control-plane index.")
+                       description="List runs from the control-plane index, each spawned "
+                       "child indented under the run that spawned it.")
     runs_dir_opt(r)
     r.add_argument("--json", action="store_true")
     rsub = r.add_subparsers(dest="runs_cmd", metavar="show")
-    rs = rsub.add_parser("show", help="one run and its approval requests")
+    rs = rsub.add_parser("show", help="one run: its lineage, children and approval requests")
     rs.add_argument("run_id", metavar="RUN")
     runs_dir_opt(rs)
     rs.add_argument("--json", action="store_true")
@@ -318,7 +319,13 @@ def cmd_keys(a: argparse.Namespace) -> int:
     return 0
 
 
+CHILD_FIELDS = ("run_id", "status", "exit_code", "seal", "requests", "denials", "depth",
+                "started", "ended")
+
+
 def cmd_runs(a: argparse.Namespace) -> int:
+    from kernel.controlplane import tree_order
+
     with _cp(a) as cp:
         if a.runs_cmd == "show":
             row = cp.run(a.run_id)
@@ -326,16 +333,22 @@ def cmd_runs(a: argparse.Namespace) -> int:
                 raise NotFoundError(f"run {a.run_id} is not in the index",
                                     hint="`kernel reconcile` rebuilds the index from the folders")
             apps = [_public(r) for r in cp.approvals_of(a.run_id)]
+            kids = cp.children_of(a.run_id)
         else:
             rows = cp.runs()
     if a.runs_cmd == "show":
+        children = [{k: c.get(k) for k in CHILD_FIELDS} for c in kids]
         if a.json:
-            _out({**row, "approvals": apps})
+            _out({**row, "approvals": apps, "children": children})
             return 0
         for k in ("run_id", "status", "exit_code", "run_dir", "workspace", "policy_name",
                   "policy_digest", "argv", "isolation", "operator_uid", "started", "ended",
-                  "requests", "denials", "seal"):
+                  "requests", "denials", "seal", "parent", "root", "depth"):
             sys.stdout.write(f"{k:>14}: {row.get(k)}\n")
+        for c in children:
+            sys.stdout.write(f"  child {c['run_id']}: {c['status']}, exit {c['exit_code']}, "
+                             f"{c['requests']} requests, {c['denials']} denials, seal "
+                             f"{c['seal'] or '(not sealed)'}\n")
         for ap in apps:
             sys.stdout.write(f"  approval {ap['id']}: {ap['summary']} -> {ap['state']}\n")
         return 0
@@ -344,8 +357,9 @@ def cmd_runs(a: argparse.Namespace) -> int:
         return 0
     if not rows:
         sys.stdout.write("no runs in the index\n")
-    for r in rows:
-        sys.stdout.write(f"{r['run_id']}  {r['status']:<14} exit {r['exit_code']}  "
+    for indent, r in tree_order(rows):
+        lead = "  " * indent + ("`- " if indent else "")
+        sys.stdout.write(f"{lead}{r['run_id']}  {r['status']:<14} exit {r['exit_code']}  "
                          f"{r['policy_name']}  {' '.join(json.loads(r['argv'] or '[]'))[:50]}\n")
     return 0
 

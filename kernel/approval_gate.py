@@ -447,8 +447,9 @@ def open_gate(ctx: Any, pump: Callable[[float], None], *, runs_dir: Path, home: 
         "operator": operator.as_record()})
     gate = Gate(mode=mode, operator=operator, runs_dir=runs_dir, home=home, pump=pump,
                 tty_in=tty_in, tty_out=tty_out, approve_key=approve_key)
-    gate.lineage = {"run_id": ctx.run_id, "parent": None, "depth": 0,
-                    "workspace": str(ctx.workspace), "policy": p.name,
+    tree = tree_columns(ctx)
+    gate.lineage = {"run_id": ctx.run_id, "parent": tree["parent"], "root": tree["root"],
+                    "depth": tree["depth"], "workspace": str(ctx.workspace), "policy": p.name,
                     "policy_digest": p.digest, "operator_uid": operator.uid,
                     "operator": operator.as_record()}
     try:
@@ -461,12 +462,20 @@ def open_gate(ctx: Any, pump: Callable[[float], None], *, runs_dir: Path, home: 
             "operator_uid": operator.uid, "isolation": ctx.backend.name,
             "kernel_pid": os.getpid(), "status": "running", "exit_code": None,
             "requests": 0, "denials": 0, "started": hdr.get("created", ""), "ended": "",
-            "seal": "", "final_tree_digest": ""})
+            "seal": "", "final_tree_digest": "", **tree})
     except Exception as e:  # the run goes on; nothing can be approved through the queue
         gate.cp_error = f"{type(e).__name__}: {e}"
         ctx.recorder.append("controlplane.error", {"error": gate.cp_error})
     ctx.approvals = gate
     return gate
+
+
+def tree_columns(ctx: Any) -> dict[str, Any]:
+    """The run's place in its agent tree, as the runs index stores it (``ctx.lineage``)."""
+    lin = getattr(ctx, "lineage", None)
+    if not lin:
+        return {"parent": None, "root": ctx.run_id, "depth": 0}
+    return {"parent": lin["parent"], "root": lin["root"], "depth": lin["depth"]}
 
 
 def close_gate(ctx: Any, status: str, code: int | None, summary: dict[str, Any],
@@ -482,7 +491,8 @@ def close_gate(ctx: Any, status: str, code: int | None, summary: dict[str, Any],
                             "requests": summary.get("requests", 0),
                             "denials": summary.get("denials", 0), "ended": utc_timestamp(),
                             "seal": seal,
-                            "final_tree_digest": summary.get("final_tree_digest", "")})
+                            "final_tree_digest": summary.get("final_tree_digest", ""),
+                            **tree_columns(ctx)})
         gate.cp.close()
     except Exception:  # noqa: S110 - the folder is the record; `kernel reconcile` repairs
         pass

@@ -20,7 +20,10 @@ Schema (sqlite-utils tables):
 
 ``runs``        run_id (pk), run_dir, workspace, policy_name, policy_digest, argv, operator_uid,
                 isolation, kernel_pid, status, exit_code, requests, denials, started, ended,
-                seal, final_tree_digest
+                seal, final_tree_digest, parent (the spawning run's id; null for a root),
+                root (the id of the tree's root run; its own id for a root), depth (0 for a
+                root, 1 for its children, ...). A database made before the agent-tree columns
+                existed gets them added when it is opened (null until ``kernel reconcile``).
 ``approvals``   id (pk, ``<run_id>.<approval_seq>``), run_id, request_seq, approval_seq, kind,
                 summary, rule, rule_reason, justification, binding (the signed fields, JSON),
                 eligible (JSON), threshold, operator_uid, operator_may_approve, preview (JSON),
@@ -32,6 +35,7 @@ Schema (sqlite-utils tables):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -59,7 +63,7 @@ RUN_COLUMNS: dict[str, Any] = {
     "run_id": str, "run_dir": str, "workspace": str, "policy_name": str, "policy_digest": str,
     "argv": str, "operator_uid": int, "isolation": str, "kernel_pid": int, "status": str,
     "exit_code": int, "requests": int, "denials": int, "started": str, "ended": str,
-    "seal": str, "final_tree_digest": str,
+    "seal": str, "final_tree_digest": str, "parent": str, "root": str, "depth": int,
 }
 APPROVAL_COLUMNS: dict[str, Any] = {
     "id": str, "run_id": str, "request_seq": int, "approval_seq": int, "kind": str,
@@ -157,6 +161,12 @@ class ControlPlane:
             cols = ",\n".join(f'   "{c}" {_SQL_TYPES[t]}' + (" PRIMARY KEY" if c == pk else "")
                               for c, t in columns.items())
             self.conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (\n{cols}\n)')
+            have = {row[1] for row in self.conn.execute(f'PRAGMA table_info("{table}")')}
+            for c, t in columns.items():  # columns added since the database was made
+                if c not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # added concurrently
+                        self.conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{c}" '
+                                          f"{_SQL_TYPES[t]}")
         for table, col in (("approvals", "state"), ("signatures", "approval_id")):
             self.conn.execute(f'CREATE INDEX IF NOT EXISTS "idx_{table}_{col}"\n'
                               f'    ON "{table}" ("{col}")')
@@ -188,6 +198,11 @@ class ControlPlane:
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self.db.table("runs").rows_where(order_by="started"))
+
+    def children_of(self, run_id: str) -> list[dict[str, Any]]:
+        """The runs ``run_id`` spawned, in the order they started."""
+        return list(self.db.table("runs").rows_where("parent = ?", [run_id],
+                                                      order_by="started"))
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         rows = list(self.db.table("runs").rows_where("run_id = ?", [run_id]))
@@ -296,6 +311,35 @@ class ClosedError(Exception):
 
 class RefusedError(Exception):
     pass
+
+
+def tree_order(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """``(indent, row)`` with every run right under its parent (children in the order they
+    started), for ``kernel runs``. A run whose parent is not in ``rows`` is shown at the top."""
+    ids = {r["run_id"] for r in rows}
+    kids: dict[str, list[dict[str, Any]]] = {}
+    tops: list[dict[str, Any]] = []
+    for r in rows:
+        if r.get("parent") and r["parent"] in ids and r["parent"] != r["run_id"]:
+            kids.setdefault(r["parent"], []).append(r)
+        else:
+            tops.append(r)
+    out: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
+
+    def walk(r: dict[str, Any], indent: int) -> None:
+        if r["run_id"] in seen:
+            return
+        seen.add(r["run_id"])
+        out.append((indent, r))
+        for k in kids.get(r["run_id"], []):
+            walk(k, indent + 1)
+
+    for r in tops:
+        walk(r, 0)
+    for r in rows:  # a loop of parents (only a hand-edited index has one): still listed
+        walk(r, 0)
+    return out
 
 
 def loads(text: str | None) -> Any:

@@ -1,7 +1,8 @@
 """``kernel reconcile``: rebuild the control-plane index from the run folders (the folder wins).
 
 For every run folder under the runs dir, the index row is derived from the folder alone: the
-header (``run.json``), the seal (status, summary, sealing time) and the event log (approval
+header (``run.json``, including a spawned child's ``lineage``: its parent, root and depth in the
+agent tree), the seal (status, summary, sealing time) and the event log (approval
 requests and their final decisions). Each difference with the current index is reported, then
 the row is replaced. Rows whose folder is gone are reported and removed. A folder that does not
 verify (under this host's kernel key, when it is available) is indexed with status ``corrupt``.
@@ -19,7 +20,7 @@ from typing import Any
 from kernel.controlplane import ControlPlane
 
 COMPARED_RUN = ("status", "exit_code", "policy_digest", "seal", "final_tree_digest", "run_dir",
-                "workspace", "requests", "denials")
+                "workspace", "requests", "denials", "parent", "root", "depth")
 COMPARED_APPROVAL = ("state", "rule", "run_id", "request_seq")
 
 
@@ -67,7 +68,7 @@ def folder_rows(run_dir: Path, trusted: list[Any]) -> tuple[dict[str, Any],
     events = _events(run_dir)
     status = seal_body.get("status", "incomplete")
     if trusted:
-        rep = verify_run(run_dir, trusted)
+        rep = verify_run(run_dir, trusted, children=False)  # each folder is indexed itself
         if rep.status == "corrupt":
             status = "corrupt"
     summary = seal_body.get("summary", {})
@@ -82,7 +83,7 @@ def folder_rows(run_dir: Path, trusted: list[Any]) -> tuple[dict[str, Any],
            "exit_code": summary.get("exit_code"), "requests": summary.get("requests", 0),
            "denials": summary.get("denials", 0), "started": hdr.get("created", ""),
            "ended": seal_body.get("sealed", ""), "seal": seal_digest,
-           "final_tree_digest": summary.get("final_tree_digest", "")}
+           "final_tree_digest": summary.get("final_tree_digest", ""), **_tree(hdr, run_id)}
     approvals: dict[str, dict[str, Any]] = {}
     notes: dict[int, str] = {}
     for e in events:
@@ -126,6 +127,14 @@ def folder_rows(run_dir: Path, trusted: list[Any]) -> tuple[dict[str, Any],
         elif t == "approval.cancelled" and b.get("approval_id") in approvals:
             approvals[b["approval_id"]]["state"] = "cancelled"
     return run, list(approvals.values())
+
+
+def _tree(hdr: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """``parent``, ``root``, ``depth`` from the header's ``lineage`` (a root has none)."""
+    lin = hdr.get("lineage")
+    if not isinstance(lin, dict):
+        return {"parent": None, "root": run_id, "depth": 0}
+    return {"parent": lin.get("parent"), "root": lin.get("root"), "depth": lin.get("depth")}
 
 
 def _summary(action: dict[str, Any]) -> str:
