@@ -25,6 +25,7 @@ STATUS_EXIT = {
     "limit": ExitCode.LIMIT,
     "protocol_error": ExitCode.PROTOCOL,
     "killed": ExitCode.KILLED,
+    "stopped": ExitCode.LIMIT,
 }
 VERIFY_EXIT = {"intact": ExitCode.OK, "incomplete": ExitCode.INCOMPLETE,
                "corrupt": ExitCode.INTEGRITY}
@@ -296,7 +297,8 @@ def _cmd_exec(a: argparse.Namespace) -> int:
         sys.stderr.write(
             f"kernel: run {outcome.run_id} {outcome.status} (agent exit "
             f"{outcome.exit_code}{extra}; isolation {outcome.isolation}; "
-            f"{outcome.requests} requests, {outcome.denials} denied)\n"
+            f"{outcome.requests} requests, {outcome.denials} denied"
+            + (f"; {outcome.children} child agents" if outcome.children else "") + ")\n"
             f"kernel: run folder {outcome.run_dir}\n")
         if outcome.gate is not None:
             verdict = "passed" if outcome.gate["passed"] else "FAILED"
