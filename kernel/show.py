@@ -56,6 +56,13 @@ def _args_summary(call: str | None, body: dict[str, Any]) -> str:
         if isinstance(a.get("budget"), dict):
             s += " budget " + " ".join(f"{k}={v}" for k, v in sorted(a["budget"].items()))
         return s
+    if call == "register":
+        from kernel import lineage
+
+        try:
+            return f"manifest {lineage.digest(str(a.get('manifest')))[:19]}..."
+        except lineage.ManifestRefused:
+            return "a malformed manifest"
     if call == "wait":
         return f"child {a.get('child')}" + (f" (timeout {a['timeout_ms']} ms)"
                                             if "timeout_ms" in a else "")
