@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel import manifest
+from kernel.canonical import sha256_digest
 from kernel.errors import BadInputError, RunIntegrityError
 from kernel.keys import KernelKey
 from kernel.paths import PathViolation, read_regular
@@ -60,13 +61,22 @@ class RecoverReport:
     scratch_removed: list[str] = field(default_factory=list)
     final_tree_digest: str | None = None
     seal: str | None = None
+    descendants: list[RecoverReport] = field(default_factory=list)
+    """In an agent tree: the descendant folders recovered with this one, in the order they
+    were sealed (children before their parent)."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Descendant folders left as they were: ``{"run_id", "reason"}`` (corrupt ones)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
-                "events_before": self.events_before, "torn_tail": self.torn_tail,
-                "unfinished": self.unfinished, "stray_removed": self.stray_removed,
-                "scratch_removed": self.scratch_removed,
-                "final_tree_digest": self.final_tree_digest, "seal": self.seal}
+        out = {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
+               "events_before": self.events_before, "torn_tail": self.torn_tail,
+               "unfinished": self.unfinished, "stray_removed": self.stray_removed,
+               "scratch_removed": self.scratch_removed,
+               "final_tree_digest": self.final_tree_digest, "seal": self.seal}
+        if self.descendants or self.skipped:
+            out["descendants"] = [d.to_json() for d in self.descendants]
+            out["skipped"] = [dict(x) for x in self.skipped]
+        return out
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
@@ -75,17 +85,99 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _unfinished(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Allowed write/exec decisions with no recorded result."""
+    """Allowed requests with no recorded result, and allowed spawns whose child's end
+    (``spawn.exit``) was never recorded. A spawn names its ``child`` and what is ``missing``
+    (``result``: the kernel stopped before the child ran; ``spawn.exit``: before it ended)."""
     open_: dict[tuple[Any, Any], dict[str, Any]] = {}
+    spawned: dict[str, dict[str, Any]] = {}
     for ev in events:
         b = ev["body"]
         key = (b.get("req"), b.get("request_digest"))
         if ev["type"] == "syscall.decision" and b.get("decision") == "allowed":
             open_[key] = {"seq": ev["seq"], "req": b.get("req"),
                           "request_digest": b.get("request_digest"), "rule": b.get("rule")}
+            if isinstance(b.get("child"), str) and isinstance(b.get("facts"), dict) and (
+                    b["facts"].get("kind") == "spawn"):
+                open_[key].update(child=b["child"], missing="result")
+                spawned[b["child"]] = open_[key]
         elif ev["type"] == "syscall.result":
-            open_.pop(key, None)
+            done = open_.pop(key, None)
+            if done is not None and "child" in done:
+                done = dict(done, missing="spawn.exit")
+                spawned[done["child"]] = done
+                open_[(key, "exit")] = done
+        elif ev["type"] == "spawn.exit":
+            child = spawned.pop(str(b.get("child")), None)
+            if child is not None:
+                open_ = {k: v for k, v in open_.items() if v is not child}
     return sorted(open_.values(), key=lambda u: u["seq"])
+
+
+def _child_exits(run_dir: Path, key: KernelKey, events: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """``spawn.exit`` bodies for this folder's children that are sealed now (by the kernel, or
+    just before by this recovery) but whose end the kernel never recorded here: a parent is
+    sealed after its children and names each child's seal, as the kernel does. ``recovered``
+    marks them; ``exit_code`` is the one the child's ``agent.exit`` recorded, if any."""
+    ended = {e["body"].get("child") for e in events if e["type"] == "spawn.exit"}
+    out = []
+    for ev in events:
+        b = ev["body"]
+        child = b.get("child")
+        if (ev["type"] != "syscall.decision" or b.get("decision") != "allowed"
+                or b.get("rule") != "spawn" or not isinstance(child, str) or child in ended):
+            continue
+        cdir = run_dir.parent / child
+        if not (cdir / "SEAL.json").is_file() or verify_run(cdir, [key.public]).status != INTACT:
+            continue
+        seal_bytes = (cdir / "SEAL.json").read_bytes()
+        cevents = _events(cdir)
+        code = next((e["body"].get("exit_code") for e in cevents if e["type"] == "agent.exit"),
+                    None)
+        out.append({
+            "child": child, "status": json.loads(seal_bytes)["body"].get("status"),
+            "exit_code": code, "seal": sha256_digest(seal_bytes),
+            "requests": sum(1 for e in cevents if e["type"] == "syscall.request"),
+            "denials": sum(1 for e in cevents if e["type"] == "syscall.decision"
+                           and e["body"].get("decision") in ("denied", "expired")),
+            "request_seq": ev["seq"], "recovered": True})
+    return out
+
+
+def _descendants(run_dir: Path, key: KernelKey, report: RecoverReport) -> list[Path]:
+    """The incomplete descendant folders of ``run_dir`` (children found as ``<runs dir>/<child
+    id>`` from its allowed spawn decisions, recursively), deepest first: each child before its
+    parent. A corrupt descendant is left as it is and named in ``report.skipped``."""
+    out: list[Path] = []
+    seen = {run_dir.name}
+
+    def walk(folder: Path) -> None:
+        try:
+            events = _events(folder)
+        except (OSError, ValueError):
+            return
+        for ev in events:
+            b = ev["body"]
+            child = b.get("child")
+            if (ev["type"] != "syscall.decision" or b.get("decision") != "allowed"
+                    or not isinstance(child, str) or child in seen
+                    or not isinstance(b.get("facts"), dict)
+                    or b["facts"].get("kind") != "spawn"):
+                continue
+            seen.add(child)
+            cdir = run_dir.parent / child
+            if not cdir.exists():
+                continue  # decided, but the kernel stopped before the child's folder existed
+            vr = verify_run(cdir, [key.public])
+            if vr.status == CORRUPT:
+                report.skipped.append({"run_id": child, "reason": f"corrupt: {vr.problem}"})
+                continue
+            walk(cdir)
+            if vr.status != INTACT:
+                out.append(cdir)
+
+    walk(run_dir)
+    return out
 
 
 def _open_approvals(events: list[dict[str, Any]]) -> list[str]:
@@ -125,7 +217,12 @@ def _strays(workspace: Path, known: set[str], exclude: tuple[str, ...]) -> list[
 
 def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
                 ) -> RecoverReport:
-    """Seal an incomplete run as aborted. Raises KernelError if it is sealed or corrupt."""
+    """Seal an incomplete run as aborted. Raises KernelError if it is sealed or corrupt.
+
+    In an agent tree every incomplete descendant folder is recovered too, each child before its
+    parent and ``run_dir`` last (so each parent is sealed after its children, as the kernel
+    does); the stray temp files of the shared workspace are removed first, once, and recorded
+    in ``run_dir``'s ``run.recovered``."""
     run_dir = Path(run_dir)
     vr = verify_run(run_dir, [key.public])
     if vr.status == INTACT:
@@ -135,33 +232,48 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
                                 hint="recovery only seals a run cut short; a corrupt folder "
                                 "is kept as it is for investigation")
     header = json.loads((run_dir / RUN_JSON).read_bytes())
-    before = _events(run_dir)
-    log_size = (run_dir / LOG_FILE).stat().st_size
     ws = Path(workspace) if workspace is not None else (
         Path(header["workspace"]) if isinstance(header.get("workspace"), str) else None)
     if ws is not None and not ws.is_dir():
         raise BadInputError(f"workspace {ws} of run {vr.run_id}: not a directory",
                             hint="give the run's workspace with --workspace DIR")
+    probe = RecoverReport(run_id=str(vr.run_id), run_dir=run_dir, status="aborted",
+                          events_before=0, torn_tail=0)
+    below = _descendants(run_dir, key, probe)
+    known: set[str] = set()
+    for folder in (run_dir, *below):
+        known |= _known_paths(folder, _events(folder))
+    return _recover_one(run_dir, key, ws, known=known, strays=True, below=below,
+                        skipped=probe.skipped)
 
+
+def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[str],
+                 strays: bool, below: list[Path], skipped: list[dict[str, str]]
+                 ) -> RecoverReport:
+    before = _events(run_dir)
+    log_size = (run_dir / LOG_FILE).stat().st_size
     rec = RunRecorder.resume(run_dir, key=key)
     report = RecoverReport(run_id=rec.run_id, run_dir=run_dir, status="aborted",
                            events_before=len(before), torn_tail=0)
     end = sum(len(line) + 1 for line in
               (run_dir / LOG_FILE).read_bytes().splitlines()[: len(before)])
     report.torn_tail = max(log_size - end, 0)
+    report.skipped = skipped
     try:
         report.unfinished = _unfinished(before)
-        strays: list[dict[str, Any]] = []
-        if ws is not None:
-            for rel in _strays(ws, _known_paths(run_dir, before), hidden_runs_dir(ws, run_dir)):
-                strays.append(_remove_stray(rec, ws, rel))
+        removed: list[dict[str, Any]] = []
+        if ws is not None and strays:
+            for rel in _strays(ws, known | _known_paths(run_dir, before),
+                               hidden_runs_dir(ws, run_dir)):
+                removed.append(_remove_stray(rec, ws, rel))
                 report.stray_removed.append(rel)
         report.scratch_removed = _remove_scratch(rec.run_id)
+        for child in below:  # deepest first; each is sealed before its parent
+            report.descendants.append(_recover_one(child, key, ws, known=known, strays=False,
+                                                   below=[], skipped=[]))
         ended = rec.last_type() == "run.end"
         final_digest: str | None = None
         if (run_dir / MANIFESTS["final"]).is_file():
-            from kernel.canonical import sha256_digest
-
             final_digest = sha256_digest((run_dir / MANIFESTS["final"]).read_bytes())
         elif ws is not None and not ended:
             final = manifest.scan(ws, exclude=hidden_runs_dir(ws, run_dir))
@@ -178,9 +290,11 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
                     "recover"})
             rec.append("run.recovered", {
                 "last_seq_before": len(before) - 1, "unfinished": report.unfinished,
-                "stray_tmp": strays, "scratch_removed": report.scratch_removed,
+                "stray_tmp": removed, "scratch_removed": report.scratch_removed,
                 "observed_tree_digest": final_digest,
                 "detail": "the kernel stopped before sealing; sealed by kernel recover"})
+            for body in _child_exits(run_dir, key, before):
+                rec.append("spawn.exit", body)
             initial = next((e["body"].get("tree_digest") for e in before
                             if e["type"] == "snapshot.initial"), None)
             rec.append("run.end", {"status": "aborted", "exit_code": None, "breach": None,
