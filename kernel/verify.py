@@ -650,6 +650,8 @@ class _Grant:
     started: int | None = None  # seq of the spawn's syscall.result
     exit_seq: int | None = None
     exit: dict[str, Any] | None = None
+    never_started: bool = False
+    """``run.recovered`` says the kernel stopped before this child's spawn had a result."""
 
 
 class _Tree:
@@ -698,6 +700,11 @@ class _Tree:
             elif t == "syscall.result" and by_key.get((b.get("req"),
                                                         b.get("request_digest"))) == child:
                 grants[child].started = seq
+            elif t == "run.recovered":
+                for u in b.get("unfinished") or []:
+                    if isinstance(u, dict) and u.get("missing") == "result" and \
+                            isinstance(u.get("child"), str) and u["child"] in grants:
+                        grants[u["child"]].never_started = True
             elif t == "spawn.exit":
                 g = grants.get(child) if isinstance(child, str) else None
                 if g is None:
@@ -714,11 +721,16 @@ class _Tree:
         """The child's report and the problem it makes for the tree, if any."""
         sealed = v.seal_digest is not None
         name = f"child {child} (granted at {v.run_id}'s {LOG_FILE} seq {g.seq})"
+        child_dir = v.root.parent / child
+        if sealed and g.exit is None and g.never_started and g.started is None and \
+                not os.path.lexists(child_dir):
+            v.warnings.append(f"{name}: never started (the kernel stopped before creating its "
+                              "folder; recorded by run.recovered)")
+            return None, None
         if sealed and g.exit is None:
             return None, (CORRUPT, f"{name}: the sealed parent has no spawn.exit for it")
         if child in seen or len(seen) > _MAX_TREE_DEPTH:
             return None, (CORRUPT, f"{name}: appears twice in the tree (a loop of lineages)")
-        child_dir = v.root.parent / child
         try:
             _check_dir(child_dir)
         except NotFoundError as e:
@@ -834,7 +846,8 @@ class _Chunk:
     refs: list[tuple[int, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     linked: list[tuple[int, int, int]] = field(default_factory=list)
-    """``(seq, offset, length)`` of lines whose body names a ``child`` (the agent tree)."""
+    """``(seq, offset, length)`` of lines whose body names a ``child`` (the agent tree), and of
+    ``run.recovered`` (which names children that never started)."""
 
 
 def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
@@ -902,7 +915,7 @@ def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
             if b"_blob" in line or b'"blobs"' in line:
                 for path, d in iter_blob_refs(ev["body"]):
                     c.refs.append((seq, path, d))
-            if "child" in ev["body"]:
+            if "child" in ev["body"] or etype == "run.recovered":
                 c.linked.append((seq, offset, len(line)))
         except (ValueError, RecursionError) as e:
             where = f"{LOG_FILE} seq {seq} (line {seq + 1}, byte offset {offset})"

@@ -422,3 +422,36 @@ def test_large_parent_log_split_across_workers(tmp_path: Path, key: KernelKey) -
     writable(runs / "child-2")
     shutil.rmtree(runs / "child-2")
     verify(runs / "root-1", key, "corrupt", "child child-2", "folder missing")
+
+
+def recovered(parent: Agent, g: Grant) -> None:
+    """What `kernel recover` records for a spawn the kernel decided but never started."""
+    parent.rec.append("run.recovered", {
+        "last_seq_before": g.seq, "unfinished": [
+            {"seq": g.seq, "req": g.req, "request_digest": g.request_digest, "rule": "spawn",
+             "child": g.child, "missing": "result"}],
+        "stray_tmp": [], "scratch_removed": [], "observed_tree_digest": None,
+        "detail": "sealed by kernel recover"})
+
+
+def test_recovered_parent_of_a_child_that_never_started(tmp_path: Path, key: KernelKey
+                                                        ) -> None:
+    """The kernel died right after the decision; recovery sealed the parent, naming the spawn
+    as unfinished: intact, with a warning, and no spawn.exit is needed."""
+    root = start(tmp_path, key, "root-1")
+    g = grant(root, "child-1", key)
+    recovered(root, g)
+    end(root, "aborted")
+    rep = verify(tmp_path / "root-1", key, "intact")
+    assert rep.children == []
+    assert any("child-1" in w and "never started" in w for w in rep.warnings)
+
+
+def test_recovered_parent_does_not_excuse_a_child_that_has_a_folder(tmp_path: Path,
+                                                                     key: KernelKey) -> None:
+    root = start(tmp_path, key, "root-1")
+    g = grant(root, "child-1", key)
+    end(child_run(tmp_path, key, root, g))
+    recovered(root, g)
+    end(root, "aborted")
+    verify(tmp_path / "root-1", key, "corrupt", "child child-1", "no spawn.exit")
