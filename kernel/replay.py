@@ -888,6 +888,8 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
     root_id = str(header.get("run_id"))
     root = _Replayer(run_dir, policy, events, None, report, _folder(run_dir, header, 0, None))
     walked: list[_Replayer] = []
+    links: dict[str, tuple[_Replayer, int]] = {}
+    """child id -> (its parent's replayer, seq of the allowed spawn decision)"""
     redacted: list[tuple[str, int]] = []
     recovered = False
 
@@ -951,6 +953,7 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                                            events=vr.events, verify_status=vr.status),
                               _folder(cdir, cheader, r.folder.depth + 1,
                                       _manifest_budget(lin.get("manifest"))))
+            links[child_id] = (r, dseq)
             walk(child, clines, None, "child")
 
     walk(root, lines, sha256_digest(initial_bytes), "root")
@@ -972,15 +975,19 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                                        f"{o.run_id}", "a tseq used once in the tree", e.tseq,
                                        e.run_id))
         seen[e.tseq] = e
+    order = sorted(effects, key=lambda x: x.tseq or 0)
+    snaps = _snapshot_checks(walked, links, order)
     ws = Workspace.open(tree, view_root=str(tree))
     try:
-        for e in sorted(effects, key=lambda x: x.tseq or 0):
+        _probe(snaps, tree, 0)
+        for k, e in enumerate(order, 1):
             got = _perform(ws, e.req, e.content, e.decision)
             if got != e.expected:
                 raise _Diverged(Divergence(
                     e.seq, f"effect of the write decided at seq {e.dseq} (re-applied in the "
                     f"tree's tseq order, at tseq {e.tseq})", e.expected, got, e.run_id))
             report.applied += 1
+            _probe(snaps, tree, k)
     finally:
         ws.close()
     unfinished = [u for r in walked for u in r.finish_unfinished()] if recovered else []
@@ -992,6 +999,67 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
         report.notes.append(f"{f['role']} {f['run_id']}: {f['status']}, {f['rederived']} "
                             f"decisions re-derived, {f['refusals']} early refusals checked, "
                             f"{f['changes']} changes")
+
+
+@dataclass
+class _Snapshot:
+    """A child's recorded view of the shared workspace (its initial tree when it started, its
+    final tree when it ended), which must equal the rebuilt tree at some point of the merged
+    order between ``lo`` and ``hi`` (counted in changes applied)."""
+
+    run_id: str
+    seq: int | None
+    what: str
+    digest: str
+    lo: int
+    hi: int
+    done: bool = False
+
+
+def _snapshot_checks(walked: list[_Replayer], links: dict[str, tuple[_Replayer, int]],
+                     order: list[_Effect]) -> list[_Snapshot]:
+    where: dict[str, list[int]] = {}
+    for k, e in enumerate(order, 1):
+        where.setdefault(e.run_id, []).append(k)
+    out: list[_Snapshot] = []
+    for r in walked:
+        rid = str(r.report.run_id)
+        if rid not in links:
+            continue  # the root: its final tree is checked at the end
+        parent, dseq = links[rid]
+        mine = where.get(rid, [])
+        before_spawn = [k for k, e in enumerate(order, 1)
+                        if e.run_id == parent.report.run_id and e.seq < dseq]
+        lo_init = max(before_spawn, default=0)
+        snap = next((e for e in r.events if e["type"] == "snapshot.initial"), None)
+        if snap is not None and isinstance(snap["body"].get("tree_digest"), str):
+            out.append(_Snapshot(rid, snap["seq"], "the child's initial tree (snapshot.initial)",
+                                 snap["body"]["tree_digest"], lo_init,
+                                 min(mine) - 1 if mine else len(order)))
+        end = r.events[-1] if r.events and r.events[-1]["type"] == "run.end" else None
+        recovered = any(e["type"] == "run.recovered" for e in r.events)
+        if (end is not None and not recovered
+                and isinstance(end["body"].get("final_tree_digest"), str)):
+            # (a recovered folder's final tree is the workspace observed after the crash: the
+            # root's, checked at the end)
+            out.append(_Snapshot(rid, end["seq"], "the child's final tree (run.end)",
+                                 end["body"]["final_tree_digest"],
+                                 max(mine) if mine else lo_init, len(order)))
+    return out
+
+
+def _probe(snaps: list[_Snapshot], tree: Path, k: int) -> None:
+    """Match the open snapshot checks against the tree after ``k`` changes."""
+    open_ = [c for c in snaps if not c.done and c.lo <= k <= c.hi]
+    if open_:
+        got = manifest.tree_digest(manifest.scan(tree))
+        for c in open_:
+            c.done = c.digest == got
+    for c in snaps:
+        if not c.done and c.hi == k:
+            raise _Diverged(Divergence(
+                c.seq, f"{c.what}: no state of the shared workspace between change {c.lo} and "
+                f"{c.hi} of the tree's tseq order has it", c.digest, "none matched", c.run_id))
 
 
 def _check_final(tree: Path, unfinished: list[tuple[WriteRequest, bytes, Decision]],

@@ -326,3 +326,22 @@ def test_recover_one_child_alone_then_the_root(tmp_path: Path, key: KernelKey) -
     r = _replay(t, "root", key)
     assert r.status == IDENTICAL, r.to_json()
     assert _replay(t, "child", key).status == IDENTICAL
+
+
+def test_a_change_nobody_recorded_in_a_childs_final_tree_diverges(tmp_path: Path,
+                                                                  key: KernelKey) -> None:
+    """The child's final tree is a view of the shared workspace when it ended: some state of
+    the merged order must equal it. A file that appeared without a recorded write does not."""
+    t = Tree(tmp_path, key)
+    child = t.root.spawn("child")
+    assert child is not None
+    child.register()
+    child.write("b.txt", b"child\n")
+    (t.workspace / "ghost.txt").write_bytes(b"nobody asked\n")
+    child.end()
+    (t.workspace / "ghost.txt").unlink()
+    t.root.end()
+    rep = _replay(t, "root", key)
+    assert rep.status == DIVERGED and rep.divergence is not None
+    assert rep.divergence.run_id == "child"
+    assert rep.divergence.what.startswith("the child's final tree")
