@@ -485,6 +485,18 @@ class _Replayer:
         if tf.spawns < len(self.children):
             raise _diverge(seq, "spawn facts: children started in the tree (at least this "
                            "agent's own)", f">= {len(self.children)}", tf.spawns)
+        for metric, value in (("spawns", tf.spawns), ("live", tf.live)):
+            if metric in tf.totals and tf.totals[metric] != value:
+                raise _diverge(seq, f"spawn facts: totals.{metric} vs {metric}", value,
+                               tf.totals[metric])
+        budget_self = (self.folder.budget if self.folder is not None else None) or Usage(
+            **{k: getattr(self.policy.quotas, k) for k in BUDGET_FIELDS})
+        for name in BUDGET_FIELDS:
+            most = max(0, getattr(budget_self, name) - getattr(self.usage, name))
+            if getattr(tf.remainder, name) > most:
+                raise _diverge(seq, f"spawn facts: the parent's remainder of {name} (at most "
+                               "its budget less its own spend)", f"<= {most}",
+                               getattr(tf.remainder, name))
         d = replication.check_spawn(
             replication.SpawnRequest(tuple(argv), resolved, asked), contract, tf, now_ns)
         got = (d.decision, d.rule, d.errno)

@@ -345,3 +345,25 @@ def test_a_change_nobody_recorded_in_a_childs_final_tree_diverges(tmp_path: Path
     assert rep.status == DIVERGED and rep.divergence is not None
     assert rep.divergence.run_id == "child"
     assert rep.divergence.what.startswith("the child's final tree")
+
+
+def test_forged_remainder_that_lets_a_big_budget_through_is_caught(tmp_path: Path,
+                                                                   key: KernelKey) -> None:
+    t = Tree(tmp_path, key)
+    child = t.root.spawn("child", budget={"files_written": 3})
+    assert child is not None
+    child.register()
+
+    def lie(facts: dict[str, Any]) -> None:
+        facts["remainder"]["files_written"] = 10**6
+
+    gc = child.spawn("grandchild", budget={"files_written": 1000}, forge=lie)
+    assert gc is not None
+    gc.register()
+    gc.end()
+    child.end()
+    t.root.end()
+    rep = _replay(t, "root", key)
+    assert rep.status == DIVERGED and rep.divergence is not None
+    assert rep.divergence.run_id == "child" and rep.divergence.seq == gc.spawn_seq
+    assert "remainder of files_written" in rep.divergence.what
