@@ -700,6 +700,15 @@ class _Tree:
             elif t == "syscall.result" and by_key.get((b.get("req"),
                                                         b.get("request_digest"))) == child:
                 grants[child].started = seq
+            elif t == "syscall.result" and "timed_out" in b and b.get("seal") is not None:
+                g = grants.get(child) if isinstance(child, str) else None
+                if g is None or g.exit is None or b["seal"] != g.exit.get("seal") or \
+                        b.get("status") != g.exit.get("status"):
+                    told = "no spawn.exit" if g is None or g.exit is None else (
+                        f"spawn.exit (seq {g.exit_seq}) records {g.exit.get('status')!r} "
+                        f"{g.exit.get('seal')!r}")
+                    raise _Corrupt(f"{where}: wait result reports child {child!r} ended "
+                                   f"{b.get('status')!r} with seal {b['seal']!r}, but {told}")
             elif t == "run.recovered":
                 for u in b.get("unfinished") or []:
                     if isinstance(u, dict) and u.get("missing") == "result" and \

@@ -455,3 +455,43 @@ def test_recovered_parent_does_not_excuse_a_child_that_has_a_folder(tmp_path: Pa
     recovered(root, g)
     end(root, "aborted")
     verify(tmp_path / "root-1", key, "corrupt", "child child-1", "no spawn.exit")
+
+
+def waited(parent: Agent, g: Grant, seal: str | None, status: str = "passed") -> None:
+    """A ``wait`` for ``g``'s child, answered (request, decision, result)."""
+    parent.reqs += 1
+    req = parent.reqs
+    digest = "sha256:" + hashlib.sha256(f"{parent.run_id}-wait-{req}".encode()).hexdigest()
+    parent.rec.append("syscall.request", {"req": req, "call": "wait", "request_digest": digest,
+                                          "args": {"child": g.child}})
+    parent.rec.append("syscall.decision", {
+        "req": req, "request_digest": digest, "decision": "allowed", "rule": "wait",
+        "reason": "wait", "errno": 0, "policy_digest": POLICY_DIGEST, "now_ns": NOW,
+        "facts": {"kind": "wait", "child": g.child, "own_child": True}})
+    parent.rec.append("syscall.result", {
+        "req": req, "request_digest": digest, "ok": True, "child": g.child, "status": status,
+        "exit_code": 0, "seal": seal, "requests": 0, "denials": 0, "timed_out": False})
+
+
+def test_wait_result_agrees_with_spawn_exit(tmp_path: Path, key: KernelKey) -> None:
+    root = start(tmp_path, key, "root-1")
+    g = grant(root, "child-1", key)
+    child = child_run(tmp_path, key, root, g)
+    started(root, g)
+    seal = end(child)
+    exited(root, g, seal)
+    waited(root, g, seal)
+    end(root)
+    verify(tmp_path / "root-1", key, "intact")
+
+
+def test_wait_result_reporting_another_seal(tmp_path: Path, key: KernelKey) -> None:
+    root = start(tmp_path, key, "root-1")
+    g = grant(root, "child-1", key)
+    child = child_run(tmp_path, key, root, g)
+    started(root, g)
+    exited(root, g, end(child))
+    waited(root, g, "sha256:" + "1" * 64)
+    end(root)
+    verify(tmp_path / "root-1", key, "corrupt", "wait result reports child 'child-1'",
+           "spawn.exit (seq")
