@@ -284,6 +284,38 @@ report("b_end", wait(k, b["result"]["child"]))
     assert_tree_intact(run.home, folders)
 
 
+# ---- what spawn may reveal ---------------------------------------------------------------------
+
+
+def test_spawn_is_no_oracle_for_host_files(tmp_path: Path, backend: str) -> None:
+    """The sandbox hides the host's files outside its view (here a root-only directory beside
+    the workspace). Naming such a file as a program must answer exactly as naming a file that
+    does not exist: otherwise an agent learns which host files exist by asking for children.
+    A visible file that is not executable is not a program either (`spawn.not_found`)."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "secret.txt").write_text("s")
+    (hidden / "secret.txt").chmod(0o600)
+    policy = spawn_policy(tmp_path, max_depth=1)
+    run = run_agent(tmp_path, PRELUDE + f"""
+for name, prog in [("exists", {str(hidden / "secret.txt")!r}),
+                   ("missing", {str(hidden / "nothing.txt")!r}),
+                   ("exists_rel", "../hidden/secret.txt"),
+                   ("missing_rel", "../hidden/nothing.txt"),
+                   ("not_executable", "/etc/passwd")]:
+    r = spawn(k, [prog])
+    report(name, {{"ok": r["ok"], "rule": r.get("rule"), "errno": r.get("errno")}})
+""", backend=backend, policy=str(policy), files=agent_files())
+    assert run.proc.returncode == 0, run.agent_output
+    r = results(run)
+    assert r["missing"] == r["missing_rel"] == {"ok": False, "rule": "spawn.not_found",
+                                                "errno": errno.ENOENT}
+    assert r["exists"] == r["missing"], f"spawn tells an existing hidden host file apart: {r}"
+    assert r["exists_rel"] == r["missing_rel"], r
+    assert r["not_executable"] == r["missing"], r
+    assert list(tree(run.run_dir.parent)) == [run.out["run_id"]], "a child folder was made"
+
+
 # ---- ending a tree from outside ----------------------------------------------------------------
 
 LEVELS = 3  # the root and three generations below it
@@ -339,6 +371,36 @@ def test_kernel_kill_ends_a_subtree_then_the_whole_tree(tmp_path: Path, backend:
         assert kills[0]["by"] in expected, (d, kills)
     (exit_2,) = by_depth[1].of_type("spawn.exit")
     assert exit_2["child"] == by_depth[2].run_id and exit_2["status"] == "killed"
+    assert_linked(folders)
+    assert_tree_intact(live.home, folders)
+
+
+@pytest.mark.parametrize("how", ["kill --all", "SIGTERM"])
+def test_kill_all_or_a_signal_ends_the_whole_tree_recorded(tmp_path: Path, backend: str,
+                                                           how: str) -> None:
+    """`kernel kill --all` (which finds a live mark for every agent of the tree) and SIGTERM to
+    the kernel both end every agent: no process left, every folder sealed `killed` with its
+    `run.kill`, the tree intact."""
+    marker = "spawn-end-" + uuid.uuid4().hex
+    live = _start_sleeping_tree(tmp_path, backend, marker)
+    try:
+        if how == "SIGTERM":
+            live.proc.send_signal(signal.SIGTERM)
+        else:
+            k = kernel_cmd(["kill", "--all", "--runs-dir", str(live.runs), "--json"],
+                           home=live.home)
+            assert k.returncode == 0, k.stderr
+        assert live.proc.wait(60) == ExitCode.KILLED
+        assert no_process_left(marker) == [], "a process of the tree survived"
+        assert killswitch.live_runs(live.runs) == {}
+    finally:
+        live.stop()
+        reap(marker)
+    folders = live.folders()
+    assert len(folders) == LEVELS + 1
+    for f in folders.values():
+        assert f.status == "killed", (f.depth, f.status)
+        assert len(f.of_type("run.kill")) == 1, (f.depth, f.of_type("run.kill"))
     assert_linked(folders)
     assert_tree_intact(live.home, folders)
 

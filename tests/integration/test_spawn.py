@@ -422,6 +422,9 @@ bad_spawns = {
     "budget_float": {"argv": ["true"], "budget": {"syscalls": 1.5}},
     "justification_int": {"argv": ["true"], "justification": 5},
     "extra_field": {"argv": ["true"], "priority": 1},
+    "argv_nul": {"argv": ["tr\\x00ue"]},
+    "argv_empty_string": {"argv": [""]},
+    "budget_empty": {"argv": ["true"], "budget": {}},
 }
 for name, args in bad_spawns.items():
     report(name, call(k, "spawn", args))
@@ -437,7 +440,8 @@ report("register_root", call(k, "register", {"manifest": "abc.def"}))
     r = results(run)
     invalid = ["empty_argv", "argv_string", "argv_ints", "argv_missing", "budget_negative",
                "budget_unknown", "budget_not_object", "budget_float", "justification_int",
-               "extra_field", "wait_empty", "wait_int", "wait_timeout", "register_root"]
+               "extra_field", "argv_nul", "argv_empty_string", "budget_empty", "wait_empty",
+               "wait_int", "wait_timeout", "register_root"]
     for name in invalid:
         assert r[name]["ok"] is False, (name, r[name])
         assert (r[name]["rule"], r[name]["errno"]) == ("request.invalid", errno.EINVAL), (
