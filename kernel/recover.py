@@ -64,8 +64,6 @@ class RecoverReport:
     descendants: list[RecoverReport] = field(default_factory=list)
     """In an agent tree: the descendant folders recovered with this one, in the order they
     were sealed (children before their parent)."""
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    """Descendant folders left as they were: ``{"run_id", "reason"}`` (corrupt ones)."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
@@ -73,9 +71,8 @@ class RecoverReport:
                "unfinished": self.unfinished, "stray_removed": self.stray_removed,
                "scratch_removed": self.scratch_removed,
                "final_tree_digest": self.final_tree_digest, "seal": self.seal}
-        if self.descendants or self.skipped:
+        if self.descendants:
             out["descendants"] = [d.to_json() for d in self.descendants]
-            out["skipped"] = [dict(x) for x in self.skipped]
         return out
 
 
@@ -128,7 +125,8 @@ def _child_exits(run_dir: Path, key: KernelKey, events: list[dict[str, Any]]
                 or b.get("rule") != "spawn" or not isinstance(child, str) or child in ended):
             continue
         cdir = run_dir.parent / child
-        if not (cdir / "SEAL.json").is_file() or verify_run(cdir, [key.public]).status != INTACT:
+        if not (cdir / "SEAL.json").is_file() or verify_run(
+                cdir, [key.public], children=False).status != INTACT:
             continue
         seal_bytes = (cdir / "SEAL.json").read_bytes()
         cevents = _events(cdir)
@@ -144,10 +142,10 @@ def _child_exits(run_dir: Path, key: KernelKey, events: list[dict[str, Any]]
     return out
 
 
-def _descendants(run_dir: Path, key: KernelKey, report: RecoverReport) -> list[Path]:
+def _descendants(run_dir: Path, key: KernelKey) -> list[Path]:
     """The incomplete descendant folders of ``run_dir`` (children found as ``<runs dir>/<child
     id>`` from its allowed spawn decisions, recursively), deepest first: each child before its
-    parent. A corrupt descendant is left as it is and named in ``report.skipped``."""
+    parent. Raises RunIntegrityError, before anything is changed, if one is corrupt."""
     out: list[Path] = []
     seen = {run_dir.name}
 
@@ -168,10 +166,12 @@ def _descendants(run_dir: Path, key: KernelKey, report: RecoverReport) -> list[P
             cdir = run_dir.parent / child
             if not cdir.exists():
                 continue  # decided, but the kernel stopped before the child's folder existed
-            vr = verify_run(cdir, [key.public])
+            vr = verify_run(cdir, [key.public], children=False)
             if vr.status == CORRUPT:
-                report.skipped.append({"run_id": child, "reason": f"corrupt: {vr.problem}"})
-                continue
+                raise RunIntegrityError(
+                    f"{cdir}: a descendant of {run_dir.name} is corrupt: {vr.problem}",
+                    hint="recovery only seals runs cut short; nothing was changed, and a "
+                    "corrupt folder is kept as it is for investigation")
             walk(cdir)
             if vr.status != INTACT:
                 out.append(cdir)
@@ -224,7 +224,7 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
     does); the stray temp files of the shared workspace are removed first, once, and recorded
     in ``run_dir``'s ``run.recovered``."""
     run_dir = Path(run_dir)
-    vr = verify_run(run_dir, [key.public])
+    vr = verify_run(run_dir, [key.public], children=False)  # its descendants: one by one below
     if vr.status == INTACT:
         raise BadInputError(f"{run_dir}: already sealed (intact); nothing to recover")
     if vr.status == CORRUPT:
@@ -237,19 +237,15 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
     if ws is not None and not ws.is_dir():
         raise BadInputError(f"workspace {ws} of run {vr.run_id}: not a directory",
                             hint="give the run's workspace with --workspace DIR")
-    probe = RecoverReport(run_id=str(vr.run_id), run_dir=run_dir, status="aborted",
-                          events_before=0, torn_tail=0)
-    below = _descendants(run_dir, key, probe)
+    below = _descendants(run_dir, key)
     known: set[str] = set()
     for folder in (run_dir, *below):
         known |= _known_paths(folder, _events(folder))
-    return _recover_one(run_dir, key, ws, known=known, strays=True, below=below,
-                        skipped=probe.skipped)
+    return _recover_one(run_dir, key, ws, known=known, strays=True, below=below)
 
 
 def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[str],
-                 strays: bool, below: list[Path], skipped: list[dict[str, str]]
-                 ) -> RecoverReport:
+                 strays: bool, below: list[Path]) -> RecoverReport:
     before = _events(run_dir)
     log_size = (run_dir / LOG_FILE).stat().st_size
     rec = RunRecorder.resume(run_dir, key=key)
@@ -258,7 +254,6 @@ def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[s
     end = sum(len(line) + 1 for line in
               (run_dir / LOG_FILE).read_bytes().splitlines()[: len(before)])
     report.torn_tail = max(log_size - end, 0)
-    report.skipped = skipped
     try:
         report.unfinished = _unfinished(before)
         removed: list[dict[str, Any]] = []
@@ -270,7 +265,7 @@ def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[s
         report.scratch_removed = _remove_scratch(rec.run_id)
         for child in below:  # deepest first; each is sealed before its parent
             report.descendants.append(_recover_one(child, key, ws, known=known, strays=False,
-                                                   below=[], skipped=[]))
+                                                   below=[]))
         ended = rec.last_type() == "run.end"
         final_digest: str | None = None
         if (run_dir / MANIFESTS["final"]).is_file():

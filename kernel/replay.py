@@ -697,11 +697,11 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "(no entry differs)"
 
 
-def _load(run_dir: Path, trusted: Sequence[Ed25519PublicKey]
+def _load(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *, children: bool = True
           ) -> tuple[Any, Policy | None, list[bytes], str | None]:
-    """Verify a folder and load its policy and log lines: (verify report, policy, lines,
-    problem)."""
-    vr = verify_run(run_dir, trusted)
+    """Verify a folder (with its children's, unless the caller verified them already) and load
+    its policy and log lines: (verify report, policy, lines, problem)."""
+    vr = verify_run(run_dir, trusted, children=children)
     if vr.status != INTACT:
         return vr, None, [], (f"the run folder is {vr.status}"
                               + (f": {vr.problem}" if vr.problem else "")
@@ -931,7 +931,7 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                     f"{r.report.run_id} seq {dseq}: spawn of {child_id} was decided but the "
                     "child never started (the kernel stopped; sealed by kernel recover)")
                 continue
-            vr, cpolicy, clines, problem = _load(cdir, trusted)
+            vr, cpolicy, clines, problem = _load(cdir, trusted, children=False)
             if cpolicy is None:
                 raise _Unreplayable(f"child {child_id} (spawned at seq {dseq} of "
                                     f"{r.report.run_id}): {problem}", needs_workspace=False)

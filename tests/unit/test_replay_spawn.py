@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kernel.errors import ExitCode
+from kernel.errors import ExitCode, RunIntegrityError
 from kernel.keys import KernelKey
 from kernel.recover import recover_run
 from kernel.replay import DIVERGED, IDENTICAL, replay_run
@@ -367,3 +367,26 @@ def test_forged_remainder_that_lets_a_big_budget_through_is_caught(tmp_path: Pat
     assert rep.status == DIVERGED and rep.divergence is not None
     assert rep.divergence.run_id == "child" and rep.divergence.seq == gc.spawn_seq
     assert "remainder of files_written" in rep.divergence.what
+
+
+def test_a_corrupt_descendant_is_refused_and_nothing_changes(tmp_path: Path,
+                                                             key: KernelKey) -> None:
+    t = Tree(tmp_path, key)
+    child = t.root.spawn("child")
+    assert child is not None
+    child.register()
+    gc = child.spawn("grandchild")
+    assert gc is not None
+    gc.register()
+    gc.write("c.txt", b"grandchild\n")
+    for a in (gc, child, t.root):
+        a.stop()
+    log = t.runs / "child" / "log" / "events.jsonl"
+    data = bytearray(log.read_bytes())
+    data[data.index(b'"register"') + 2] ^= 0x01  # one byte of a middle record
+    log.write_bytes(bytes(data))
+    before = {p: p.read_bytes() for p in t.runs.rglob("*") if p.is_file()}
+    with pytest.raises(RunIntegrityError) as e:
+        recover_run(t.runs / "root", key)
+    assert "child" in e.value.message and "corrupt" in e.value.message
+    assert {p: p.read_bytes() for p in t.runs.rglob("*") if p.is_file()} == before
