@@ -589,7 +589,11 @@ def verify_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
     _check_dir(run_dir)
     report, v = _verify_folder(run_dir, trusted)
     if children and report.status != CORRUPT:
-        _Tree(trusted).check(v, report, {v.run_id or run_dir.name})
+        try:
+            _Tree(trusted).check(v, report, {v.run_id or run_dir.name})
+        except Exception as e:  # folder content must never crash the verifier
+            _worsen(report, CORRUPT, "unexpected error while verifying the agent tree: "
+                    f"{type(e).__name__}: {e}")
     return report
 
 
@@ -620,7 +624,7 @@ def _verify_folder(run_dir: Path, trusted: Sequence[Ed25519PublicKey]
 _LINEAGE_KEYS = ("parent", "root", "depth", "manifest", "manifest_digest", "parent_decision_seq",
                  "parent_decision_hash")
 _RANK = {INTACT: 0, INCOMPLETE: 1, CORRUPT: 2}
-_MAX_TREE_DEPTH = 256
+_MAX_TREE_DEPTH = 64  # the deepest a policy allows (``[spawn] max_depth``)
 
 
 def _lineage_of(hdr: dict[str, Any]) -> dict[str, Any] | None:
@@ -710,7 +714,8 @@ class _Tree:
                     raise _Corrupt(f"{where}: wait result reports child {child!r} ended "
                                    f"{b.get('status')!r} with seal {b['seal']!r}, but {told}")
             elif t == "run.recovered":
-                for u in b.get("unfinished") or []:
+                unfinished = b.get("unfinished")
+                for u in unfinished if isinstance(unfinished, list) else []:
                     if isinstance(u, dict) and u.get("missing") == "result" and \
                             isinstance(u.get("child"), str) and u["child"] in grants:
                         grants[u["child"]].never_started = True
@@ -738,8 +743,11 @@ class _Tree:
             return None, None
         if sealed and g.exit is None:
             return None, (CORRUPT, f"{name}: the sealed parent has no spawn.exit for it")
-        if child in seen or len(seen) > _MAX_TREE_DEPTH:
+        if child in seen:
             return None, (CORRUPT, f"{name}: appears twice in the tree (a loop of lineages)")
+        if len(seen) > _MAX_TREE_DEPTH:
+            return None, (CORRUPT, f"{name}: deeper than {_MAX_TREE_DEPTH} generations, more "
+                          "than any policy allows")
         try:
             _check_dir(child_dir)
         except NotFoundError as e:

@@ -495,3 +495,29 @@ def test_wait_result_reporting_another_seal(tmp_path: Path, key: KernelKey) -> N
     end(root)
     verify(tmp_path / "root-1", key, "corrupt", "wait result reports child 'child-1'",
            "spawn.exit (seq")
+
+
+def test_odd_recovery_record_does_not_crash_the_verifier(tmp_path: Path, key: KernelKey) -> None:
+    root = start(tmp_path, key, "root-1")
+    grant(root, "child-1", key)
+    root.rec.append("run.recovered", {"unfinished": 7, "child": ["not", "an", "id"]})
+    end(root, "aborted")
+    verify(tmp_path / "root-1", key, "corrupt", "child child-1", "no spawn.exit")
+
+
+def test_a_chain_of_grandchildren_is_followed_to_the_end(tmp_path: Path, key: KernelKey) -> None:
+    parent = start(tmp_path, key, "gen-0")
+    chain = [parent]
+    grants = []
+    for depth in range(1, 8):
+        g = grant(parent, f"gen-{depth}", key)
+        parent = child_run(tmp_path, key, parent, g)
+        started(chain[-1], g)
+        chain.append(parent)
+        grants.append(g)
+    for i in range(len(chain) - 1, 0, -1):
+        exited(chain[i - 1], grants[i - 1], end(chain[i]))
+    end(chain[0])
+    rep = verify(tmp_path / "gen-0", key, "intact")
+    assert [r.run_id for r in rep.tree()] == [f"gen-{d}" for d in range(8)]
+    assert rep.tree()[-1].lineage == {"parent": "gen-6", "root": "gen-0", "depth": 7}
