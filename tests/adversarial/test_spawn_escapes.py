@@ -284,6 +284,60 @@ report("b_end", wait(k, b["result"]["child"]))
     assert_tree_intact(run.home, folders)
 
 
+# ---- what a child holds -------------------------------------------------------------------------
+
+
+def test_a_child_holds_only_its_own_channel_and_nothing_it_starts_outlives_it(
+        tmp_path: Path, backend: str) -> None:
+    """A child, with a sibling alive beside it, holds no descriptor but its own channel (no
+    other agent's channel answers it), has the root's environment plus its manifest, and a
+    detached process it starts dies when it ends, while the rest of the tree lives on."""
+    marker = "spawn-probe-" + uuid.uuid4().hex
+    policy = spawn_policy(tmp_path, max_depth=1)
+    root = f"""
+import json, os, time
+from spawnlib import connect, save, spawn, wait
+k = connect()
+save(k, "root-env.json", sorted(os.environ))
+a = spawn(k, ["python3", "-c", "import time; time.sleep(120)", "{marker}-sibling"])
+b = spawn(k, ["python3", "spawn_probe.py", "{marker}-probe"])
+save(k, "b-done.json", wait(k, b["result"]["child"]))
+deadline = time.monotonic() + 60
+while not os.path.exists("host-checked") and time.monotonic() < deadline:
+    time.sleep(0.02)
+"""
+    live = start_tree(tmp_path, backend=backend, policy=policy,
+                      files=agent_files("spawn_probe.py", extra={"agent.py": root}),
+                      argv=["/usr/bin/python3", "agent.py", marker])
+    try:
+        wait_for(lambda: (live.workspace / "b-done.json").exists(), "the probe's end", live)
+        assert no_process_left(f"{marker}-probe") == [], "the child's detached process lived on"
+        assert pids_with_marker(f"{marker}-sibling"), "the sibling should still be alive"
+        assert live.proc.poll() is None
+        (live.workspace / "host-checked").write_text("")
+        assert live.proc.wait(60) == 0, live.out.read_text()[-2000:]
+        assert no_process_left(marker) == []
+    finally:
+        live.stop()
+        reap(marker)
+    folders = live.folders()
+    probe_id = json.loads((live.workspace / "b-done.json").read_text())["result"]["child"]
+    probe = json.loads((live.workspace / f"probe-{probe_id}.json").read_text())
+    channel = str(probe["channel"])
+    sockets = sorted(fd for fd, target in probe["fds"].items() if target.startswith("socket:"))
+    assert sockets == [channel], probe["fds"]
+    assert probe["answers"] == {}
+    others = {fd for fd, t in probe["fds"].items()
+              if fd not in ("0", "1", "2", channel) and not t.startswith("unreadable")}
+    assert others == set(), probe["fds"]  # nothing else inherited (the listing's own fd aside)
+    root_env = set(json.loads((live.workspace / "root-env.json").read_text()))
+    assert set(probe["env"]) == root_env | {"KERNEL_SPAWN_MANIFEST"}, (
+        sorted(set(probe["env"]) ^ root_env))
+    assert folders[probe_id].status == "passed"
+    assert_linked(folders)
+    assert_tree_intact(live.home, folders)
+
+
 # ---- what spawn may reveal ---------------------------------------------------------------------
 
 
