@@ -27,8 +27,30 @@ Replay trusts nothing but the run folder and the auditor's kernel public key:
    one allowed write whose result was never recorded; its effect is unknown, and the recorded
    (observed) final tree decides: replay accepts the tree with or without it.
 
+Agent trees (``spawn``). All agents of a tree change one workspace, so a folder's own changes
+do not make its final tree; each result that changed (or tried to change) the workspace carries
+``tseq``, the tree's one change counter. ``spawn``, ``register`` and ``wait`` decisions are
+re-made in any folder: ``spawn`` with ``replication.check_spawn`` from the recorded tree facts
+and request (the facts must also fit the folder: its depth, its last spawn, its own children,
+its remainder; the granted budget and expiry must follow from them), ``register`` by checking
+the recorded token again with ``kernel/lineage.py`` against the folder's kernel key and run id,
+``wait`` as one of the agent's own children or ``wait.not_child``.
+
+* Replaying the **root** of a tree (a folder with an allowed spawn) walks every folder of the
+  tree (``<runs dir>/<child id>`` of each allowed spawn, recursively), re-decides each, checks
+  each child's ``lineage`` and ``spawn.exit`` against its parent's record, then re-applies the
+  changes of all folders merged in ``tseq`` order and requires each recorded outcome, each
+  child's initial and final trees at some point of that order, and the root's final tree.
+* Replaying a **child** re-decides its own folder and names the root whose replay covers its
+  final tree (``final_check`` ``root:<id>``).
+* In a tree, the quota usage a decision saw is the tree's and cannot be re-derived from one
+  folder: it is bounded (:meth:`_Replayer.check_tree_usage`) and the decision re-made with it.
+
+Runs without an allowed spawn are replayed exactly as above.
+
 No clock, environment variable or randomness is read by any of this. The first divergence is
-reported with its ``seq``, what was expected (recorded) and what replay got.
+reported with its ``seq`` (and, in a tree, the folder's ``run_id``), what was expected
+(recorded) and what replay got.
 """
 
 from __future__ import annotations
