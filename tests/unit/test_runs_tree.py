@@ -172,3 +172,35 @@ def test_verify_prints_the_tree(tmp_path: Path, home: Path, key: KernelKey,
     shutil.rmtree(runs / "child-1")
     code, out = out_of(capsys, "verify", str(root))
     assert code == 5 and "corrupt: child child-1" in out and "folder missing" in out
+
+
+def test_show_an_expired_child_and_one_that_could_not_start(tmp_path: Path, key: KernelKey
+                                                            ) -> None:
+    from tests.unit.test_verify_tree import child_run, end, exited, grant, start
+
+    runs = tmp_path / "runs"
+    root = start(runs, key, "root-1")
+    g = grant(root, "child-1", key)
+    child = child_run(runs, key, root, g)
+    root.rec.append("syscall.result", {"req": g.req, "request_digest": g.request_digest,
+                                       "ok": True, "child": g.child, "pid": 1})
+    child.rec.append("run.kill", {"by": "expiry", "expires_ns": 5})
+    exited(root, g, end(child, "expired"), status="expired")
+    g2 = grant(root, "child-2", key)
+    broken = child_run(runs, key, root, g2)
+    broken.rec.append("sandbox.error", {"error": "no such backend"})
+    exited(root, g2, end(broken, "failed"), status="failed")
+    root.rec.append("syscall.result", {"req": g2.req, "request_digest": g2.request_digest,
+                                       "ok": False, "errno": 11, "reason": "could not start",
+                                       "child": g2.child})
+    end(root)
+    view, status = show.show_run(runs / "root-1", [key.public])
+    assert status == "intact"
+    first, second = view["children"]
+    assert (first["status"], first["started"]) == ("expired", True)
+    assert (second["status"], second["started"]) == ("failed", False)
+    text = show.render(view, status)
+    assert "child child-1 (seq 2): agent: expired" in text
+    assert "child child-2 (seq" in text and ": failed, exit" in text
+    assert "ended from outside: expiry" in show.render(*show.show_run(runs / "child-1",
+                                                                      [key.public]))
