@@ -17,6 +17,15 @@ What a crash can leave, and what recovery does with it:
 * The exec scratch directories of the run (``$TMPDIR/agent-kernel-<run_id>-*``) are removed.
 
 Then ``run.end {status: "aborted"}`` (unless the log already ends with ``run.end``) and the seal.
+
+**Agent trees.** A kernel serving a tree dies with every agent of it, leaving one unsealed folder
+per agent still running. Recovering a folder recovers its unsealed descendants too (found as
+``<runs dir>/<child id>`` from the allowed spawn decisions, recursively), deepest first, so each
+child is sealed before its parent, as the kernel does; the shared workspace's stray temp files
+are removed once, recorded by the folder asked for. A parent's ``run.recovered`` lists each spawn
+without a result (the child never ran) or without ``spawn.exit`` (its end was never recorded) as
+unfinished, with ``child`` and ``missing``; then the parent records ``spawn.exit`` (``recovered:
+true``) for each child sealed by then, with that child's seal digest.
 Every answer the agent got was sent only after its records were fdatasync'd, so nothing the agent
 was told succeeded is missing from the sealed folder.
 """
