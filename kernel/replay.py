@@ -646,6 +646,10 @@ class _Replayer:
         return [(req, content, d) for (_, req, content, d) in self.pending.values()]
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _registered_elsewhere(runs_dir: Path, token: str, digest: str) -> bool:
     """Whether the child a manifest names holds it in its own (signed) header: then a second
     presentation anywhere is a replay."""
@@ -1028,11 +1032,12 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
     _check_final(tree, unfinished, events, final_bytes, final, report)
     report.notes.append(
         f"agent tree of {len(walked)} folders: every decision of each was re-derived and "
-        f"their {len(effects)} changes re-applied in tseq order")
+        f"their {_count(len(effects), 'change')} re-applied in tseq order")
     for f in report.folders[1:]:
-        report.notes.append(f"{f['role']} {f['run_id']}: {f['status']}, {f['rederived']} "
-                            f"decisions re-derived, {f['refusals']} early refusals checked, "
-                            f"{f['changes']} changes")
+        report.notes.append(f"{f['role']} {f['run_id']}: {f['status']}, "
+                            f"{_count(f['rederived'], 'decision')} re-derived, "
+                            f"{_count(f['refusals'], 'early refusal')} checked, "
+                            f"{_count(f['changes'], 'change')}")
 
 
 @dataclass
