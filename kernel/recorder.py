@@ -422,7 +422,7 @@ class RunRecorder:
         from kernel.verify import verify_run  # the verifier imports this module
 
         run_dir = Path(run_dir)
-        report = verify_run(run_dir, [key.public])
+        report = verify_run(run_dir, [key.public], children=False)
         if report.status != "incomplete":
             why = "already sealed" if report.status == "intact" else report.problem
             raise RunIntegrityError(f"cannot resume {run_dir}: {why}")
