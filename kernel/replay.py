@@ -1026,6 +1026,7 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                     f"tree's tseq order, at tseq {e.tseq})", e.expected, got, e.run_id))
             report.applied += 1
             _probe(snaps, tree, k)
+        _probe(snaps, tree, -1)  # every window has closed by now
     finally:
         ws.close()
     unfinished = [u for r in walked for u in r.finish_unfinished()] if recovered else []
@@ -1057,9 +1058,26 @@ class _Snapshot:
 
 def _snapshot_checks(walked: list[_Replayer], links: dict[str, tuple[_Replayer, int]],
                      order: list[_Effect]) -> list[_Snapshot]:
+    """The windows of the merged order where each child's initial and final trees must appear.
+
+    The loop serves one request at a time, so: a child's initial tree is taken while its
+    parent's spawn is served (after the parent's changes before the decision, before the
+    parent's next change and the child's first); its final tree when it ends, after every
+    change of its own subtree (descendants end first) and before its parent's changes recorded
+    after its ``spawn.exit``."""
     where: dict[str, list[int]] = {}
     for k, e in enumerate(order, 1):
         where.setdefault(e.run_id, []).append(k)
+
+    def parent_changes(parent: _Replayer, after: bool, seq: int) -> list[int]:
+        return [k for k, e in enumerate(order, 1) if e.run_id == parent.report.run_id
+                and (e.seq > seq if after else e.seq < seq)]
+
+    def subtree(rid: str) -> list[str]:
+        kids = [c for c, (p, _) in links.items() if p.report.run_id == rid]
+        return [rid, *(x for c in kids for x in subtree(c))]
+
+    n = len(order)
     out: list[_Snapshot] = []
     for r in walked:
         rid = str(r.report.run_id)
@@ -1067,35 +1085,38 @@ def _snapshot_checks(walked: list[_Replayer], links: dict[str, tuple[_Replayer, 
             continue  # the root: its final tree is checked at the end
         parent, dseq = links[rid]
         mine = where.get(rid, [])
-        before_spawn = [k for k, e in enumerate(order, 1)
-                        if e.run_id == parent.report.run_id and e.seq < dseq]
-        lo_init = max(before_spawn, default=0)
+        lo_init = max(parent_changes(parent, False, dseq), default=0)
+        hi_init = min([*mine, *parent_changes(parent, True, dseq)], default=n + 1) - 1
         snap = next((e for e in r.events if e["type"] == "snapshot.initial"), None)
         if snap is not None and isinstance(snap["body"].get("tree_digest"), str):
             out.append(_Snapshot(rid, snap["seq"], "the child's initial tree (snapshot.initial)",
-                                 snap["body"]["tree_digest"], lo_init,
-                                 min(mine) - 1 if mine else len(order)))
+                                 snap["body"]["tree_digest"], lo_init, hi_init))
         end = r.events[-1] if r.events and r.events[-1]["type"] == "run.end" else None
         recovered = any(e["type"] == "run.recovered" for e in r.events)
         if (end is not None and not recovered
                 and isinstance(end["body"].get("final_tree_digest"), str)):
             # (a recovered folder's final tree is the workspace observed after the crash: the
             # root's, checked at the end)
+            lo = max([k for x in subtree(rid) for k in where.get(x, [])], default=lo_init)
+            exit_seq = next((e["seq"] for e in parent.events if e["type"] == "spawn.exit"
+                             and e["body"].get("child") == rid), None)
+            hi = (min(parent_changes(parent, True, exit_seq), default=n + 1) - 1
+                  if exit_seq is not None else n)
             out.append(_Snapshot(rid, end["seq"], "the child's final tree (run.end)",
-                                 end["body"]["final_tree_digest"],
-                                 max(mine) if mine else lo_init, len(order)))
+                                 end["body"]["final_tree_digest"], max(lo, lo_init), hi))
     return out
 
 
 def _probe(snaps: list[_Snapshot], tree: Path, k: int) -> None:
-    """Match the open snapshot checks against the tree after ``k`` changes."""
+    """Match the open snapshot checks against the tree after ``k`` changes (``k`` < 0: all
+    changes are applied; any check still open fails)."""
     open_ = [c for c in snaps if not c.done and c.lo <= k <= c.hi]
     if open_:
         got = manifest.tree_digest(manifest.scan(tree))
         for c in open_:
             c.done = c.digest == got
     for c in snaps:
-        if not c.done and c.hi == k:
+        if not c.done and (c.hi == k or k < 0):
             raise _Diverged(Divergence(
                 c.seq, f"{c.what}: no state of the shared workspace between change {c.lo} and "
                 f"{c.hi} of the tree's tseq order has it", c.digest, "none matched", c.run_id))
