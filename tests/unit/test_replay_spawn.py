@@ -390,3 +390,39 @@ def test_a_corrupt_descendant_is_refused_and_nothing_changes(tmp_path: Path,
         recover_run(t.runs / "root", key)
     assert "child" in e.value.message and "corrupt" in e.value.message
     assert {p: p.read_bytes() for p in t.runs.rglob("*") if p.is_file()} == before
+
+
+def test_wait_is_re_decided_as_own_child_or_not(tmp_path: Path, key: KernelKey) -> None:
+    t = Tree(tmp_path / "honest", key)
+    child = t.root.spawn("child")
+    assert child is not None
+    child.register()
+    grand = child.spawn("grandchild")
+    assert grand is not None
+    grand.register()
+    t.root.wait("grandchild")  # not the root's own child: wait.not_child
+    t.root.wait("nobody")
+    grand.end()
+    child.wait("grandchild")
+    child.end()
+    t.root.wait("child")
+    t.root.end()
+    rep = _replay(t, "root", key)
+    assert rep.status == IDENTICAL, rep.to_json()
+    # a wait on a grandchild recorded as allowed
+    t = Tree(tmp_path / "forged", key)
+    child = t.root.spawn("child")
+    assert child is not None
+    child.register()
+    grand = child.spawn("grandchild")
+    assert grand is not None
+    grand.register()
+    grand.end()
+    t.root.wait("grandchild", flip=True)
+    seq = t.root.rec.events() - 2  # the decision (its result follows)
+    child.end()
+    t.root.end()
+    rep = _replay(t, "root", key)
+    assert rep.status == DIVERGED and rep.divergence is not None
+    assert rep.divergence.seq == seq and rep.divergence.run_id == "root"
+    assert rep.divergence.actual[:2] == ["denied", "wait.not_child"]

@@ -128,6 +128,7 @@ class Agent:
             "manifest": token, "manifest_digest": mdigest, "parent_decision_seq": dseq,
             "parent_decision_hash": dhash}, token)
         child.spawn_seq = dseq
+        t.children_of.setdefault(self.run_id, []).append(child_id)
         if result:
             self.rec.append("syscall.result", {"req": rid, "request_digest": digest,
                                                "ok": True, "child": child_id, "pid": 4242})
@@ -162,6 +163,24 @@ class Agent:
             self.registered = True
         dispatch.record_decision(self.ctx, d, req=rid, request_digest=digest, now_ns=now,
                                  extra={"facts": facts})
+
+    def wait(self, child_id: str, *, flip: bool = False) -> None:
+        """``wait`` as the kernel decides it (own child: allowed; else wait.not_child), answered
+        at once with the child's recorded end; ``flip`` records the opposite decision."""
+        rid, digest = self.request("wait", {"child": child_id})
+        own = child_id in self.tree.children_of.get(self.run_id, [])
+        facts = {"kind": "wait", "child": child_id, "own_child": own}
+        d = (Decision(ALLOWED, "wait", f"wait for child {child_id}") if own
+             else deny("wait.not_child", f"{child_id!r} is not a child", errno.ENOENT))
+        if flip:
+            d = (deny("wait.not_child", "flipped", errno.ENOENT) if d.allowed
+                 else Decision(ALLOWED, "wait", "flipped"))
+        self.decide(rid, digest, d, {"facts": facts})
+        if d.allowed:
+            self.rec.append("syscall.result", {
+                "req": rid, "request_digest": digest, "ok": True, "child": child_id,
+                "status": "passed", "exit_code": 0, "seal": None, "requests": 0,
+                "denials": 0, "timed_out": False})
 
     # ---- the end ----
 
@@ -209,6 +228,7 @@ class Tree:
                                for k in replication.BUDGET_FIELDS})
         self.ledger = replication.TreeLedger("root", self.quotas)
         self.presented: set[str] = set()
+        self.children_of: dict[str, list[str]] = {}
         self._t = NOW
         self._tseq = 0
         self._clock = clock
