@@ -1,7 +1,8 @@
 """`kernel replay` and `kernel recover` on real agent trees run by `kernel exec`.
 
 A root spawns a child that spawns a grandchild; all three write to the one shared workspace,
-including the same file, and each waits for its child. Replaying the root re-decides every
+including the same file (the grandchild also through an `exec` whose change is captured), and
+each waits for its child. Replaying the root re-decides every
 folder and re-applies every change merged in tseq order; replaying a child re-decides it and
 names the root. Then the same kind of tree is cut short by SIGKILL of the kernel process:
 `kernel recover ROOT` seals every folder `aborted`, the tree verifies intact and replays.
@@ -60,6 +61,8 @@ GRANDCHILD_AGENT = """
 from syscalls.client import Kernel
 k = Kernel.from_env()
 k.write("c.txt", b"grandchild\\n")
+r = k.exec(["python3", "-c", "open('made-by-exec.txt', 'w').write('exec')"])
+assert r.exit_code == 0, r
 k.write("shared.txt", b"grandchild\\n")
 """
 
@@ -132,6 +135,7 @@ def test_a_real_tree_replays_identically(tmp_path: Path, backend: str) -> None:
     run = run_agent(tmp_path, ROOT_AGENT, backend=backend, files=files)
     assert run.proc.returncode == 0, run.proc.stdout + run.proc.stderr
     assert (run.workspace / "after.txt").read_bytes() == b"grandchild\n"
+    assert (run.workspace / "made-by-exec.txt").read_bytes() == b"exec"
     runs = run.run_dir.parent
     folders = _folders(runs)
     assert len(folders) == 3, sorted(folders)
@@ -143,7 +147,7 @@ def test_a_real_tree_replays_identically(tmp_path: Path, backend: str) -> None:
     assert [(f["run_id"], f["role"], f["status"]) for f in rep["folders"]] == [
         (root, "root", "identical"), (child, "child", "identical"),
         (grand, "child", "identical")]
-    assert rep["applied"] == 7  # every write of the three agents, in tseq order
+    assert rep["applied"] == 8  # every change of the three agents (one from an exec), in order
     # every workspace change of the tree carries a distinct tseq
     tseqs = []
     for rid in folders:
@@ -151,7 +155,7 @@ def test_a_real_tree_replays_identically(tmp_path: Path, backend: str) -> None:
             ev = json.loads(line)
             if ev["type"] == "syscall.result" and "tseq" in ev["body"]:
                 tseqs.append(ev["body"]["tseq"])
-    assert sorted(tseqs) == list(range(1, 8))
+    assert sorted(tseqs) == list(range(1, 9))
 
     for rid in (child, grand):
         code, rep = _replay(run.home, runs / rid)
