@@ -247,6 +247,8 @@ class _Replayer:
         self.registered: str | None = None
         """Digest of the manifest this folder registered with (a child)."""
         self.seen_usage: Usage | None = None
+        self.stops: set[str] = set()
+        """Rules of the ``spawn.stop`` records seen (each is recorded once)."""
         self.usage = Usage()
         self.syscalls_before: Usage = Usage()
         self.last_request: dict[str, Any] | None = None
@@ -278,6 +280,8 @@ class _Replayer:
                     self.on_decision(ev)
                 elif t == "syscall.result":
                     self.on_result(ev)
+                elif t == "spawn.stop":
+                    self.on_spawn_stop(ev)
         finally:
             if self.ws is not None:
                 self.ws.close()
@@ -467,6 +471,31 @@ class _Replayer:
             raise _diverge(seq, f"{call} decision (decision, rule, errno)", list(recorded),
                            list(got))
         self.report.rederived += 1
+
+    def on_spawn_stop(self, ev: dict[str, Any]) -> None:
+        """A recorded stop must name a stop condition of the policy that holds on the recorded
+        tree totals, with the policy's ``kill_tree``, and be recorded once."""
+        from kernel import replication
+
+        seq, b = ev["seq"], ev["body"]
+        try:
+            conds = replication.contract_of(self.policy.spawn).stop
+        except PolicyError as e:
+            raise _diverge(seq, "the policy's stop conditions", "conditions that load",
+                           e.message) from None
+        cond = next((c for c in conds if c.rule == b.get("rule")), None)
+        totals = b.get("totals")
+        if cond is None or not isinstance(totals, dict):
+            raise _diverge(seq, "spawn.stop names a stop condition of the policy",
+                           [c.rule for c in conds], b.get("rule"))
+        got = {"condition": cond.text, "kill_tree": cond.kill_tree,
+               "holds": cond.holds({k: v for k, v in totals.items() if type(v) is int})}
+        want = {"condition": b.get("condition"), "kill_tree": b.get("kill_tree"),
+                "holds": True}
+        if got != want or cond.rule in self.stops:
+            raise _diverge(seq, "spawn.stop (the condition on the recorded totals, once)",
+                           want, dict(got, again=cond.rule in self.stops))
+        self.stops.add(cond.rule)
 
     def _redecide_spawn(self, seq: int, b: dict[str, Any], now_ns: Any
                         ) -> tuple[str, str | None, int]:

@@ -426,3 +426,20 @@ def test_wait_is_re_decided_as_own_child_or_not(tmp_path: Path, key: KernelKey) 
     assert rep.status == DIVERGED and rep.divergence is not None
     assert rep.divergence.seq == seq and rep.divergence.run_id == "root"
     assert rep.divergence.actual[:2] == ["denied", "wait.not_child"]
+
+
+def test_a_recorded_stop_must_hold_on_its_totals(tmp_path: Path, key: KernelKey) -> None:
+    totals = {"bytes_written": 0, "denials": 50, "exec_count": 0, "expired": 0,
+              "files_written": 0, "live": 0, "requests": 60, "spawns": 0}
+    for name, denials, ok in (("holds", 50, True), ("does-not-hold", 49, False)):
+        t = Tree(tmp_path / name, key)
+        seq = t.root.rec.append("spawn.stop", {
+            "rule": "spawn.stop:denials>=50", "condition": "denials >= 50",
+            "totals": dict(totals, denials=denials), "kill_tree": False})
+        t.root.end()
+        rep = _replay(t, "root", key)
+        if ok:
+            assert rep.status == IDENTICAL, rep.to_json()
+        else:
+            assert rep.status == DIVERGED and rep.divergence is not None
+            assert rep.divergence.seq == seq and "spawn.stop" in rep.divergence.what
