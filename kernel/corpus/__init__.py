@@ -10,6 +10,9 @@ from what the host observes, never from the agent's say-so alone.
 
 The test suite (tests/adversarial/test_corpus.py) runs every attack on every backend;
 ``kernel selftest`` runs them on the operator's host and reports which guarantees hold there.
+tests/adversarial/test_corpus_under_kernel.py runs each as the agent of a real ``kernel exec``
+run, with the same bait (:func:`bait`) and the same judgement (:func:`judge`), and checks that
+the run folder shows it too.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ MIB = 1024 * 1024
 CATEGORIES = ("filesystem", "network", "processes", "kernel surface", "terminal", "resources",
               "leaks")
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-_LIMITS = Limits(wall_seconds=30, cpu_seconds=3, memory_mb=256, processes=32, open_files=128,
+LIMITS = Limits(wall_seconds=30, cpu_seconds=3, memory_mb=256, processes=32, open_files=128,
                  file_size_mb=64)
-_SCRATCH = 4 * MIB
+SCRATCH_BYTES = 4 * MIB
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ ATTACKS: tuple[Attack, ...] = (
        "none is reachable", "not in the view", "sockets"),
 )
 BY_ID = {a.id: a for a in ATTACKS}
-_MAY_DIE = frozenset({"proc.kill-all", "proc.kill-parent", "res.memory-bomb", "res.cpu-burn",
+MAY_DIE = frozenset({"proc.kill-all", "proc.kill-parent", "res.memory-bomb", "res.cpu-burn",
                       "res.fork-bomb"})
 """Attacks whose agent may be ended before it reports (it killed itself, or a limit did)."""
 
@@ -298,7 +301,7 @@ class _Listeners:
 
 
 @dataclass
-class _Bait:
+class Bait:
     tmp: Path
     workspace: Path
     ws_file: Path
@@ -315,6 +318,11 @@ class _Bait:
     inherited_fd: int
     ws_before: dict[str, tuple[bytes, int]]
 
+    def kernel_environ(self) -> dict[str, str]:
+        """What :func:`bait` plants in the environment of the process that runs the agent."""
+        return {"AGENT_KERNEL_SELFTEST_SECRET": self.secret,
+                "SSH_AUTH_SOCK": self.listeners.unix_path}
+
     def params(self) -> dict[str, Any]:
         return {
             "workspace": str(self.workspace), "ws_file": str(self.ws_file),
@@ -326,11 +334,14 @@ class _Bait:
         }
 
 
-def _snapshot(ws: Path) -> dict[str, tuple[bytes, int]]:
+def _snapshot(ws: Path, ignore: tuple[str, ...] = ()) -> dict[str, tuple[bytes, int]]:
     out = {}
     for p in sorted(ws.rglob("*")):
+        rel = str(p.relative_to(ws))
+        if any(rel == i or rel.startswith(i + "/") for i in ignore):
+            continue
         st = p.lstat()
-        out[str(p.relative_to(ws))] = (p.read_bytes() if p.is_file() and not p.is_symlink()
+        out[rel] = (p.read_bytes() if p.is_file() and not p.is_symlink()
                                        else b"", st.st_mode)
     return out
 
@@ -344,7 +355,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _bait() -> Iterator[_Bait]:
+def bait(*, set_environ: bool = True) -> Iterator[Bait]:
+    """Fresh bait on the host for one attack, removed afterwards.
+
+    With ``set_environ`` (the default), the secret (and a session socket) is put in this
+    process's environment for the sandbox to inherit and scrub; a caller that starts the kernel
+    itself passes ``set_environ=False`` and gives the kernel :meth:`Bait.kernel_environ`.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="kernel-selftest-bait-"))
     tmp.chmod(0o755)
     secret = f"SELFTEST-SECRET-{uuid.uuid4().hex}"
@@ -389,13 +406,13 @@ def _bait() -> Iterator[_Bait]:
         raise
     fd = os.open(secret_path, os.O_RDONLY)
     os.set_inheritable(fd, True)
-    old_env = {k: os.environ.get(k) for k in ("AGENT_KERNEL_SELFTEST_SECRET",
-                                              "SSH_AUTH_SOCK")}
-    os.environ["AGENT_KERNEL_SELFTEST_SECRET"] = secret
-    os.environ["SSH_AUTH_SOCK"] = listeners.unix_path
+    planted = {"AGENT_KERNEL_SELFTEST_SECRET": secret, "SSH_AUTH_SOCK": listeners.unix_path}
+    old_env = {k: os.environ.get(k) for k in planted} if set_environ else {}
+    if set_environ:
+        os.environ.update(planted)
     try:
         time.sleep(0.05)
-        yield _Bait(tmp, ws, ws_file, hidden, outside / f"canary-{marker}", secret, secret_path,
+        yield Bait(tmp, ws, ws_file, hidden, outside / f"canary-{marker}", secret, secret_path,
                     marker, listeners, victim, _read(f"/proc/{victim.pid}/limits"),
                     os.getpriority(os.PRIO_PROCESS, victim.pid), _free_port(), fd,
                     _snapshot(ws))
@@ -424,11 +441,16 @@ def _read(path: str) -> str:
 # --- running one attack ----------------------------------------------------------------------
 
 
-def _spec(b: _Bait, attack: Attack, stdin: int | None, stdout: int, stderr: int) -> SandboxSpec:
+def agent_argv(b: Bait, attack: Attack) -> list[str]:
+    """The hostile agent's command line for ``attack`` against the bait ``b``."""
+    return [PYTHON, str(AGENT), attack.id, json.dumps(b.params())]
+
+
+def _spec(b: Bait, attack: Attack, stdin: int | None, stdout: int, stderr: int) -> SandboxSpec:
     return SandboxSpec(
-        argv=(PYTHON, str(AGENT), attack.id, json.dumps(b.params())),
+        argv=tuple(agent_argv(b, attack)),
         workspace=b.workspace, workspace_view=b.workspace, workspace_writable=False,
-        cwd=b.workspace, env=dict(_ENV), limits=_LIMITS, scratch_bytes=_SCRATCH,
+        cwd=b.workspace, env=dict(_ENV), limits=LIMITS, scratch_bytes=SCRATCH_BYTES,
         stdin=stdin, stdout=stdout, stderr=stderr, hidden=(b.hidden,),
         read_paths=(AGENT.parent,), wall_seconds=None)
 
@@ -457,7 +479,7 @@ def _failed(v: Any) -> bool:
 def run_attack(backend: Backend, attack: Attack, *, timeout: float = 60.0) -> Outcome:
     """Run one attack in a fresh sandbox with fresh bait; decide from the host's evidence."""
     t0 = time.monotonic()
-    with _bait() as b:
+    with bait() as b:
         master = slave = -1
         if "terminal" in attack.checks:
             master, slave = pty.openpty()
@@ -480,39 +502,62 @@ def run_attack(backend: Backend, attack: Attack, *, timeout: float = 60.0) -> Ou
             sb.cleanup()
             os.close(out_r)
             os.close(err_r)
-        injected = b""
-        for fd in (slave, master):
-            if fd >= 0:
-                os.set_blocking(fd, False)
-                with contextlib.suppress(OSError):
-                    injected += os.read(fd, 1024)
-                os.close(fd)
-        text = (out + err).decode(errors="replace")
-        result: Any = None
-        for line in reversed(out.decode(errors="replace").splitlines()):
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    result = json.loads(line).get("result")
-                    break
-        evidence: list[str] = []
-        ok = True
-        for check in attack.checks:
-            good, line = _check(check, b, attack, result, text, status, breach, injected,
-                                inbound)
-            ok = ok and good
-            evidence.append(("held: " if good else "BROKEN: ") + line)
-        if result is None and attack.id not in _MAY_DIE:
-            ok = False
-            evidence.append(f"BROKEN: the agent gave no report (status {status}): "
-                            f"{text[-300:]!r}")
-        survivors = pids_with_marker(b.marker)
-        for pid in survivors:
+        injected = drain_terminal(master, slave)
+        return judge(attack, b, backend.name, out, err, status, breach, injected, inbound,
+                     started=t0)
+
+
+def drain_terminal(master: int, slave: int) -> bytes:
+    """What arrived in a pty's input (``-1`` for no pty), and close it."""
+    injected = b""
+    for fd in (slave, master):
+        if fd >= 0:
+            os.set_blocking(fd, False)
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    return Outcome(attack, backend.name, ok, evidence, result, status, time.monotonic() - t0)
+                injected += os.read(fd, 1024)
+            os.close(fd)
+    return injected
 
 
-def _collect(sb: Any, out_r: int, err_r: int, timeout: float, inbound_bait: _Bait | None,
+def report_of(out: bytes) -> tuple[str | None, Any]:
+    """The agent's report line (its last JSON line on stdout) and the ``result`` it holds."""
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                return line, json.loads(line).get("result")
+    return None, None
+
+
+def judge(attack: Attack, b: Bait, backend: str, out: bytes, err: bytes, status: int | None,
+          breach: str | None, injected: bytes = b"", inbound: list[str] | None = None, *,
+          started: float, ignore: tuple[str, ...] = ()) -> Outcome:
+    """Decide from the host's evidence whether ``attack`` was stopped, once its agent ended.
+
+    ``out``/``err`` are everything the agent printed, ``status`` how it ended, ``injected``
+    what reached the bait terminal's input, ``inbound`` the host's successful connections to
+    the agent's port; ``ignore`` names workspace paths the caller's own kernel wrote (its runs
+    dir), left out of the workspace comparison. Kills any process of the agent left behind.
+    """
+    text = (out + err).decode(errors="replace")
+    _, result = report_of(out)
+    evidence: list[str] = []
+    ok = True
+    for check in attack.checks:
+        good, line = _check(check, b, attack, result, text, status, breach, injected,
+                            inbound or [], ignore)
+        ok = ok and good
+        evidence.append(("held: " if good else "BROKEN: ") + line)
+    if result is None and attack.id not in MAY_DIE:
+        ok = False
+        evidence.append(f"BROKEN: the agent gave no report (status {status}): "
+                        f"{text[-300:]!r}")
+    for pid in pids_with_marker(b.marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return Outcome(attack, backend, ok, evidence, result, status, time.monotonic() - started)
+
+
+def _collect(sb: Any, out_r: int, err_r: int, timeout: float, inbound_bait: Bait | None,
              inbound: list[str]) -> tuple[bytes, bytes]:
     bufs = {out_r: bytearray(), err_r: bytearray()}
     fds = [out_r, err_r]
@@ -544,13 +589,14 @@ def _collect(sb: Any, out_r: int, err_r: int, timeout: float, inbound_bait: _Bai
     return bytes(bufs[out_r]), bytes(bufs[err_r])
 
 
-def _check(check: str, b: _Bait, attack: Attack, result: Any, text: str, status: int | None,
-           breach: str | None, injected: bytes, inbound: list[str]) -> tuple[bool, str]:
+def _check(check: str, b: Bait, attack: Attack, result: Any, text: str, status: int | None,
+           breach: str | None, injected: bytes, inbound: list[str],
+           ignore: tuple[str, ...] = ()) -> tuple[bool, str]:
     checks: dict[str, Callable[[], tuple[bool, str]]] = {
         "canary": lambda: (not b.canary.exists(), f"{b.canary} absent on the host"),
         "canary_shm": lambda: (not Path(f"/dev/shm/canary-{b.marker}").exists(),
                                f"/dev/shm/canary-{b.marker} absent on the host"),
-        "workspace": lambda: (_snapshot(b.workspace) == b.ws_before,
+        "workspace": lambda: (_snapshot(b.workspace, ignore) == b.ws_before,
                               "workspace content, modes and names unchanged"),
         "secret": lambda: (b.secret not in text, "the host secret is not in the output"),
         "hidden_secret": lambda: (b.secret not in text and "events.jsonl" not in text,
@@ -567,7 +613,7 @@ def _check(check: str, b: _Bait, attack: Attack, result: Any, text: str, status:
         "victim": lambda: _victim(b),
         "no_survivor": lambda: _no_survivor(b.marker),
         "disk_fill": lambda: (isinstance(result, dict) and result.get("fill") != "no limit"
-                              and int(result.get("written", 0)) <= _SCRATCH + 65536,
+                              and int(result.get("written", 0)) <= SCRATCH_BYTES + 65536,
                               f"scratch fill stopped: {result!r}"),
         "sparse": lambda: (isinstance(result, dict) and result.get("fallocate") != "succeeded",
                            f"sparse/fallocate: {result!r}"),
@@ -576,12 +622,12 @@ def _check(check: str, b: _Bait, attack: Attack, result: Any, text: str, status:
         "terminal": lambda: (injected == b"", f"terminal input received {injected!r}"),
         "fork_bomb": lambda: (status is not None and (
             not isinstance(result, dict) or int(result.get("children", 0)) <=
-            _LIMITS.processes), f"fork bomb stopped: {result!r}, status {status}"),
+            LIMITS.processes), f"fork bomb stopped: {result!r}, status {status}"),
         "memory_bomb": lambda: (status is not None and (
             not isinstance(result, dict) or result.get("stopped_by") != "nothing"),
             f"memory bomb stopped: {result!r}, status {status}, breach {breach}"),
         "fd_bomb": lambda: (isinstance(result, dict) and
-                            int(result.get("fds", 1 << 30)) <= _LIMITS.open_files,
+                            int(result.get("fds", 1 << 30)) <= LIMITS.open_files,
                             f"descriptors stopped: {result!r}"),
         "cpu_burn": lambda: (status is not None and status != 0,
                              f"ended with status {status}, breach {breach}"),
@@ -599,7 +645,7 @@ def _label(attack: Attack) -> str:
             "net.raw": "udp4"}.get(attack.id, attack.id.split(".")[1])
 
 
-def _victim(b: _Bait) -> tuple[bool, str]:
+def _victim(b: Bait) -> tuple[bool, str]:
     if b.victim.poll() is not None:
         return False, f"the host victim died (status {b.victim.returncode})"
     status = _read(f"/proc/{b.victim.pid}/status")
