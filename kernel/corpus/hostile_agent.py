@@ -676,6 +676,52 @@ def leak_session_sockets(p):
     return out
 
 
+# --- the same attacks through the syscall layer (only under `kernel exec`) -------------------
+
+def _rel(p, key):
+    return os.path.relpath(p[key], p["workspace"])
+
+
+THROUGH_KERNEL = {
+    # attack id: (call, what to ask the kernel for)
+    "fs.traversal": ("write", lambda k, p: k.write("/".join([".."] * 12) + p["canary"],
+                                                   b"pwned\n")),
+    "fs.absolute-write": ("write", lambda k, p: k.write(p["canary"], b"pwned\n")),
+    "fs.proc-self-root": ("write", lambda k, p: k.write("/proc/self/root" + p["canary"],
+                                                        b"pwned\n")),
+    "fs.dev-shm": ("write", lambda k, p: k.write(
+        "/dev/shm/" + os.path.basename(p["canary"]), b"pwned\n")),
+    "fs.hidden-runs": ("write", lambda k, p: k.write(_rel(p, "hidden_file"), b"forged\n")),
+    "fs.workspace-metadata": ("write", lambda k, p: k.chmod(_rel(p, "ws_file"), 0o4777)),
+    "net.tcp4": ("exec", lambda k, p: k.exec(["curl", f"http://127.0.0.1:{p['tcp4']}/"])),
+    "proc.kill-host": ("exec", lambda k, p: k.exec(["kill", "-9", str(p["victim"])])),
+    "kernel.unshare-user": ("exec", lambda k, p: k.exec(["unshare", "--user", "true"])),
+    "kernel.mount": ("exec", lambda k, p: k.exec(["mount", "-t", "tmpfs", "none", "/tmp"])),
+}
+"""Attacks that also have a form the syscall layer could carry. Under ``kernel exec`` (its
+syscall channel is open) the agent tries that form too, after the direct attempt, and reports
+what the kernel answered; the host side checks the recorded decision."""
+
+
+def through_kernel(attack, p):
+    """The kernel's answer to the syscall-layer form of ``attack``, or None (no form, or not
+    running under ``kernel exec``)."""
+    if attack not in THROUGH_KERNEL or "KERNEL_SYSCALL_FD" not in os.environ:
+        return None
+    from syscalls.client import Kernel, SyscallError  # the kernel's client, in the sandbox
+
+    call, ask = THROUGH_KERNEL[attack]
+    try:
+        k = Kernel.from_env()
+        res = ask(k, p)
+        return {"call": call, "ok": True, "answer": repr(res)[:200]}
+    except SyscallError as e:
+        return {"call": call, "ok": False, "errno": e.errno, "rule": e.rule,
+                "decision": e.decision}
+    except Exception as e:  # report, never crash the report
+        return {"call": call, "ok": False, "exception": f"{type(e).__name__}: {e}"}
+
+
 CATEGORIES = ("fs", "net", "proc", "kernel", "term", "res", "leak")
 ATTACKS = {name: fn for name, fn in list(globals().items())
            if callable(fn) and name.split("_")[0] in CATEGORIES}
@@ -688,6 +734,10 @@ if __name__ == "__main__":
         result = fn(params)  # resource attacks run in the agent itself: the limit must hold
     else:
         result = isolated(fn, params)
-    print(json.dumps({"attack": attack, "result": result}), flush=True)
+    report = {"attack": attack, "result": result}
+    kernel = through_kernel(attack, params)
+    if kernel is not None:
+        report["kernel"] = kernel
+    print(json.dumps(report), flush=True)
     if params.get("linger"):
         time.sleep(params["linger"])
