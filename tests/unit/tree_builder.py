@@ -177,10 +177,11 @@ class Agent:
                  else Decision(ALLOWED, "wait", "flipped"))
         self.decide(rid, digest, d, {"facts": facts})
         if d.allowed:
+            seal, status = self.tree.seals.get(child_id, (None, "running"))
             self.rec.append("syscall.result", {
                 "req": rid, "request_digest": digest, "ok": True, "child": child_id,
-                "status": "passed", "exit_code": 0, "seal": None, "requests": 0,
-                "denials": 0, "timed_out": False})
+                "status": status, "exit_code": 0 if seal else None, "seal": seal,
+                "requests": 0, "denials": 0, "timed_out": seal is None})
 
     # ---- the end ----
 
@@ -197,6 +198,7 @@ class Agent:
             self.rec.close()
             return None
         digest = self.rec.seal(status, {"status": status})
+        t.seals[self.run_id] = (digest, status)
         self.ctx.ws.close()
         if self.parent is not None:
             t.ledger.end(self.run_id)
@@ -229,6 +231,7 @@ class Tree:
         self.ledger = replication.TreeLedger("root", self.quotas)
         self.presented: set[str] = set()
         self.children_of: dict[str, list[str]] = {}
+        self.seals: dict[str, tuple[str, str]] = {}
         self._t = NOW
         self._tseq = 0
         self._clock = clock
