@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import errno
 import hashlib
@@ -248,6 +249,12 @@ class _Replayer:
         """Digest of the manifest this folder registered with (a child)."""
         self.seen_usage: Usage | None = None
         self.stops: set[str] = set()
+        self.last_tseq = 0
+        """The latest ``tseq`` of this folder's changes so far: every change of the tree up to
+        it happened before this folder's next decision."""
+        self.points: list[tuple[int, str, Usage, int]] = []
+        """``(seq, "usage" | "remainder", recorded, last_tseq)`` of each decision that read the
+        tree ledger, for the tree-wide bounds (:func:`_check_tree_spend`)."""
         """Rules of the ``spawn.stop`` records seen (each is recorded once)."""
         self.usage = Usage()
         self.syscalls_before: Usage = Usage()
@@ -445,6 +452,7 @@ class _Replayer:
                                "bounded by this agent's own spend and its earlier decisions)",
                                f"{max(low, prev)}..{max(q, low)}", got)
         self.seen_usage = recorded
+        self.points.append((seq, "usage", recorded, self.last_tseq))
 
     def on_tree_decision(self, call: str, ev: dict[str, Any], lr: dict[str, Any]) -> None:
         seq, b = ev["seq"], ev["body"]
@@ -542,6 +550,7 @@ class _Replayer:
                                tf.totals[metric])
         budget_self = (self.folder.budget if self.folder is not None else None) or Usage(
             **{k: getattr(self.policy.quotas, k) for k in BUDGET_FIELDS})
+        self.points.append((seq, "remainder", tf.remainder, self.last_tseq))
         for name in BUDGET_FIELDS:
             most = max(0, getattr(budget_self, name) - getattr(self.usage, name))
             if getattr(tf.remainder, name) > most:
@@ -648,6 +657,8 @@ class _Replayer:
                         else {"ok": False, "errno": b.get("errno")})
             self.effects.append(_Effect(tseq if type(tseq) is int else None, self.folder.run_id,
                                         seq, dseq, req, content, d, expected))
+            if type(tseq) is int:
+                self.last_tseq = max(self.last_tseq, tseq)
             if b.get("ok") is True:
                 self.usage = Usage(self.usage.syscalls,
                                    self.usage.bytes_written + req.payload_bytes,
@@ -1020,6 +1031,10 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                                            events=vr.events, verify_status=vr.status),
                               _folder(cdir, cheader, r.folder.depth + 1,
                                       _manifest_budget(lin.get("manifest"))))
+            # the child exists only after its spawn: every change its parent knew of by then
+            # happened before any of the child's decisions
+            child.last_tseq = next((t for s_, kind, _, t in r.points
+                                    if s_ == dseq and kind == "remainder"), 0)
             links[child_id] = (r, dseq)
             walk(child, clines, None, "child")
 
@@ -1043,6 +1058,7 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                                        e.run_id))
         seen[e.tseq] = e
     order = sorted(effects, key=lambda x: x.tseq or 0)
+    _check_tree_spend(walked, links, order, policy)
     snaps = _snapshot_checks(walked, links, order)
     ws = Workspace.open(tree, view_root=str(tree))
     try:
@@ -1068,6 +1084,63 @@ def _replay_tree(run_dir: Path, header: dict[str, Any], policy: Policy,
                             f"{_count(f['rederived'], 'decision')} re-derived, "
                             f"{_count(f['refusals'], 'early refusal')} checked, "
                             f"{_count(f['changes'], 'change')}")
+
+
+def _check_tree_spend(walked: list[_Replayer], links: dict[str, tuple[_Replayer, int]],
+                      order: list[_Effect], policy: Policy) -> None:
+    """Tighter bounds on the tree usage each decision saw, from the whole tree.
+
+    Every change with a ``tseq`` up to the latest of a folder's own changes happened before that
+    folder's next decision, and was debited from each ancestor of the agent that made it. So at
+    that decision every node on the folder's chain had spent at least its subtree's bytes and
+    files up to there: the remainder (the least room on the chain) was at most what that leaves,
+    and the usage the quota checks saw at least ``quotas - remainder``."""
+    parent = {rid: str(p.report.run_id) for rid, (p, _) in links.items()}
+    quotas = Usage(**{k: getattr(policy.quotas, k) for k in BUDGET_FIELDS})
+    budget = {str(r.report.run_id): (r.folder.budget if r.folder is not None
+                                     and r.folder.budget is not None else quotas)
+              for r in walked}
+
+    def chain(rid: str) -> list[str]:
+        out = [rid]
+        while out[-1] in parent:
+            out.append(parent[out[-1]])
+        return out
+
+    # per node: tseqs and running (bytes, files) totals of its subtree's successful changes
+    at: dict[str, list[int]] = {}
+    totals: dict[str, list[tuple[int, int]]] = {}
+    for e in order:
+        if e.expected.get("ok") is not True or e.tseq is None:
+            continue
+        for a in chain(e.run_id):
+            run = totals.setdefault(a, [])
+            b0, f0 = run[-1] if run else (0, 0)
+            run.append((b0 + e.req.payload_bytes, f0 + 1))
+            at.setdefault(a, []).append(e.tseq)
+
+    def used_by(node: str, tseq: int) -> tuple[int, int]:
+        i = bisect.bisect_right(at.get(node, []), tseq)
+        return totals[node][i - 1] if i else (0, 0)
+
+    for r in walked:
+        rid = str(r.report.run_id)
+        for seq, kind, recorded, t in r.points:
+            for i, name in enumerate(("bytes_written", "files_written")):
+                most = max(0, min(getattr(budget.get(a, quotas), name) - used_by(a, t)[i]
+                                  for a in chain(rid)))
+                got = getattr(recorded, name)
+                if kind == "remainder" and got > most:
+                    raise _Diverged(Divergence(
+                        seq, f"spawn facts: the parent's remainder of {name} (at most the least "
+                        "room on its chain after the tree's earlier changes)", f"<= {most}", got,
+                        rid))
+                low = max(0, getattr(quotas, name) - most)
+                if kind == "usage" and got < low:
+                    raise _Diverged(Divergence(
+                        seq, f"quota usage the decision saw ({name}: at least the quotas less "
+                        "the least room on its chain after the tree's earlier changes)",
+                        f">= {low}", got, rid))
 
 
 @dataclass

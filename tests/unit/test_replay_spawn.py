@@ -444,3 +444,33 @@ def test_a_recorded_stop_must_hold_on_its_totals(tmp_path: Path, key: KernelKey)
         else:
             assert rep.status == DIVERGED and rep.divergence is not None
             assert rep.divergence.seq == seq and "spawn.stop" in rep.divergence.what
+
+
+def test_tree_usage_that_hides_a_siblings_spend_diverges(tmp_path: Path,
+                                                         key: KernelKey) -> None:
+    """Siblings share their parent's remainder. B's decision must see A's earlier writes (they
+    came first in tseq order), even though B's own folder cannot show them."""
+    t = Tree(tmp_path, key)
+    a = t.root.spawn("a")
+    b = t.root.spawn("b")
+    assert a is not None and b is not None
+    a.register()
+    b.register()
+    for i in range(5):
+        a.write(f"a{i}", b"x")
+    # the ledger forgets a's spend: b decides as if a had written nothing. Its first decision
+    # could have come before a's writes (nothing orders them); its second comes after its own
+    # first change, which came after a's five.
+    root = t.ledger.nodes["root"]
+    root.used = type(root.used)(root.used.syscalls, root.used.bytes_written - 5,
+                                root.used.files_written - 5, root.used.exec_count)
+    b.write("b0", b"y")
+    b.write("b1", b"y")  # usage 1 file instead of 6
+    a.end()
+    b.end()
+    t.root.end()
+    rep = _replay(t, "b", key)
+    assert rep.status == IDENTICAL, rep.to_json()  # b's folder alone cannot tell
+    rep = _replay(t, "root", key)
+    assert rep.status == DIVERGED and rep.divergence is not None
+    assert rep.divergence.run_id == "b" and "earlier changes" in rep.divergence.what
