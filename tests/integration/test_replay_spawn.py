@@ -167,7 +167,11 @@ def test_a_real_tree_replays_identically(tmp_path: Path, backend: str) -> None:
     assert text.returncode == 0 and root in text.stdout, text.stdout + text.stderr
 
 
-def test_a_killed_tree_is_recovered_and_replays(tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize("first", ["root", "grandchild"])
+def test_a_killed_tree_is_recovered_and_replays(tmp_path: Path, backend: str,
+                                                first: str) -> None:
+    """``first``: recover the root at once (it recovers every descendant), or the grandchild
+    alone first, then the root (which recovers the rest)."""
     marker = "replay-tree-" + uuid.uuid4().hex
     ws = make_workspace(tmp_path, {"agent.py": KILLED_ROOT, "child.py": KILLED_CHILD,
                                    "grandchild.py": KILLED_GRANDCHILD})
@@ -216,10 +220,17 @@ def test_a_killed_tree_is_recovered_and_replays(tmp_path: Path, backend: str) ->
     folders = _folders(runs)
     root, child, grand = _tree_ids(folders)
     assert not any((runs / r / "SEAL.json").exists() for r in folders)
+    if first == "grandchild":
+        alone = kernel_cmd(["recover", "--json", str(runs / grand)], home=home)
+        assert alone.returncode == 0, alone.stdout + alone.stderr
+        assert "descendants" not in json.loads(alone.stdout)
+        assert (runs / grand / "SEAL.json").exists()
+        assert not (runs / child / "SEAL.json").exists()
     rec = kernel_cmd(["recover", "--json", str(runs / root)], home=home)
     assert rec.returncode == 0, rec.stdout + rec.stderr
     out = json.loads(rec.stdout)
-    assert [d["run_id"] for d in out["descendants"]] == [grand, child]
+    assert [d["run_id"] for d in out["descendants"]] == (
+        [grand, child] if first == "root" else [child])
     for rid in folders:
         seal = json.loads((runs / rid / "SEAL.json").read_text())
         assert seal["body"]["status"] == "aborted", rid
