@@ -29,6 +29,7 @@ import pytest
 from kernel.policy import Limits
 from sandbox.base import Backend
 from tests.sandbox_helpers import (
+    AGENTS,
     BACKENDS,
     DEFAULT_ENV,
     MIB,
@@ -101,7 +102,8 @@ def test_secret_outside_the_read_set_stays_unreadable(backend: Backend, workspac
                                                            *map(str, paths))))
         out = res.json()
     finally:
-        root_secret.unlink(missing_ok=True)
+        if os.geteuid() == 0:
+            root_secret.unlink(missing_ok=True)
     assert secret_value not in res.text
     assert all(failed(out[str(p)]) for p in paths), out
 
@@ -119,7 +121,9 @@ def test_host_directories_are_not_visible(backend: Backend, workspace: Path) -> 
             m.unlink(missing_ok=True)
     assert tag not in res.text
     for d in ("/run", "/var", "/home", "/root", "/dev/shm", "/sys"):
-        assert failed(out[d]) or out[d] == [], (d, out[d])
+        # only the way down to the agent program's read path (the checkout may be anywhere)
+        way = [AGENTS.relative_to(d).parts[0]] if AGENTS.is_relative_to(d) else []
+        assert failed(out[d]) or out[d] in ([], way), (d, out[d])
     host_users = {line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines()}
     seen_users = {line.split(":")[0] for line in out["passwd"].splitlines()} \
         if not failed(out["passwd"]) else set()
