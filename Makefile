@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh Debian 12 machine (run as root for the apt step):
 #   make demo   installs what is needed and runs a demo agent under `kernel exec`
-#   make test   installs what is needed and runs the whole test suite (lint, types, tests)
-.PHONY: demo test bootstrap lint bench clean
+#   make test   installs what is needed and runs the whole test suite (lint, types, tests), then,
+#               as root, the tiers that do not need root again as an ordinary user
+.PHONY: demo test test-user bootstrap lint bench clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +19,10 @@ lint: bootstrap
 
 test: bootstrap lint
 	@scripts/run-tests.sh
+
+# The user pass alone (as root): the tiers that do not need root, run as an ordinary user.
+test-user: bootstrap
+	@scripts/run-user-tests.sh
 
 bench: bootstrap
 	$(BIN)/python -m benchmarks
