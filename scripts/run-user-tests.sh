@@ -21,7 +21,6 @@
 # and .venv and streams them), so nothing the user controls is ever followed by root.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT_DIR=$(pwd)
 
 # The tiers that matter for an ordinary user, within a few minutes on 2 cores: unit, the
 # integration and adversarial tiers (on native; firejail tests skip with their reason, root, and
