@@ -184,9 +184,12 @@ def _cmd_replay(a: argparse.Namespace) -> int:
             line += f": {rep.problem}"
         sys.stdout.write(line + "\n")
         if rep.status == replay.IDENTICAL:
+            fc = rep.final_check or ""
+            final = (f"final tree checked by replaying the root {fc[len('root:'):]}"
+                     if fc.startswith("root:") else f"final tree {rep.final_tree_digest}")
             sys.stdout.write(f"  {rep.events} events; {rep.rederived} decisions re-derived, "
                              f"{rep.refusals} early refusals checked, {rep.applied} changes "
-                             f"re-applied; final tree {rep.final_tree_digest}\n")
+                             f"re-applied; {final}\n")
         for n in rep.notes:
             sys.stdout.write(f"  note: {n}\n")
         if rep.gates is not None:
@@ -248,17 +251,29 @@ def _cmd_recover(a: argparse.Namespace) -> int:
     if a.json:
         sys.stdout.write(json.dumps(rep.to_json(), sort_keys=True) + "\n")
     else:
-        sys.stdout.write(f"{run_dir}: sealed as {rep.status} ({rep.events_before} events "
-                         f"were intact")
-        sys.stdout.write(f"; torn tail of {rep.torn_tail} bytes kept as evidence"
-                         if rep.torn_tail else "")
-        sys.stdout.write(")\n")
-        for u in rep.unfinished:
+        for r in [*rep.descendants, rep]:  # the order they were sealed: children first
+            _print_recovered(r)
+    return int(ExitCode.OK)
+
+
+def _print_recovered(rep: Any) -> None:
+    sys.stdout.write(f"{rep.run_dir}: sealed as {rep.status} ({rep.events_before} events "
+                     f"were intact")
+    sys.stdout.write(f"; torn tail of {rep.torn_tail} bytes kept as evidence"
+                     if rep.torn_tail else "")
+    sys.stdout.write(")\n")
+    for u in rep.unfinished:
+        if u.get("missing") == "spawn.exit":
+            sys.stdout.write(f"  unfinished: child {u.get('child')} spawned at seq {u['seq']} "
+                             "has no recorded end (spawn.exit)\n")
+        elif u.get("child"):
+            sys.stdout.write(f"  unfinished: spawn of child {u.get('child')} allowed at seq "
+                             f"{u['seq']} has no recorded result (the child never ran)\n")
+        else:
             sys.stdout.write(f"  unfinished: request {u['req']} allowed at seq {u['seq']} "
                              "has no recorded result (the final tree shows its effect)\n")
-        for s in rep.stray_removed:
-            sys.stdout.write(f"  removed stray temp file {s} (kept as a blob)\n")
-    return int(ExitCode.OK)
+    for s in rep.stray_removed:
+        sys.stdout.write(f"  removed stray temp file {s} (kept as a blob)\n")
 
 
 def _cmd_exec(a: argparse.Namespace) -> int:
