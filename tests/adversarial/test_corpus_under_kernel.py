@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -230,9 +231,15 @@ def _results(backend: str, kernel_home: tuple[Path, Path, Any]) -> dict[str, Ker
     skip_unless_available(backend)
     if backend not in _RESULTS:
         home, policy, pub = kernel_home
+
+        def one(attack: corpus.Attack) -> KernelRun:
+            try:
+                return _run_one(backend, attack, home, policy, pub)
+            except Exception:  # one broken run fails its own test, not every other one
+                return KernelRun(attack, error=traceback.format_exc())
+
         with ThreadPoolExecutor(WORKERS) as pool:
-            runs = pool.map(lambda a: _run_one(backend, a, home, policy, pub), corpus.ATTACKS)
-            _RESULTS[backend] = {kr.attack.id: kr for kr in runs}
+            _RESULTS[backend] = {kr.attack.id: kr for kr in pool.map(one, corpus.ATTACKS)}
     return _RESULTS[backend]
 
 
