@@ -224,6 +224,37 @@ report("answers", answers)
     assert_tree_intact(run.home, folders)
 
 
+def test_a_wide_tree_of_150_agents_runs_and_ends_cleanly(tmp_path: Path, backend: str) -> None:
+    """The root starts 150 children that stay alive (each holds the kernel's descriptors for its
+    channel, output and process), then ends: every child is ended with it, every folder sealed
+    and linked, no process left."""
+    n = 150
+    marker = "spawn-wide-" + uuid.uuid4().hex
+    policy = spawn_policy(tmp_path, max_depth=1, max_replicas=n, max_spawns=n,
+                          quotas={"files_written": 10})
+    try:
+        run = run_agent(tmp_path, PRELUDE + f"""
+got = [spawn(k, ["python3", "-c", "import time; time.sleep(120)", {marker!r}])
+       for _ in range({n})]
+report("spawned", sum(1 for r in got if r["ok"]))
+report("refused", sorted({{r["rule"] for r in got if not r["ok"]}}))
+report("live", k.info()["spawn"]["live"])
+""", backend=backend, policy=str(policy), files=agent_files(), timeout=300)
+        assert no_process_left(marker, timeout=30) == []
+    finally:
+        reap(marker)
+    assert run.out["status"] == "passed", (run.out, run.agent_output[-2000:])
+    r = results(run)
+    assert (r["spawned"], r["refused"], r["live"]) == (n, [], n)
+    folders = tree(run.run_dir.parent)
+    assert len(folders) == n + 1
+    for f in folders.values():
+        if f.lineage is not None:
+            assert f.status == "killed" and f.of_type("run.kill")[0]["by"] == "parent_ended"
+    assert_linked(folders)
+    assert_tree_intact(run.home, folders)
+
+
 # ---- manifests ---------------------------------------------------------------------------------
 
 
