@@ -36,6 +36,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -69,6 +70,7 @@ from kernel.recorder import RunRecorder
 from kernel.replication import BUDGET_FIELDS, Contract, SpawnRequest, TreeLedger
 from sandbox import registry
 from sandbox.base import Backend, Sandboxed, SandboxSpec, spec_summary
+from sandbox.mounts import SYSTEM_DIRS
 from syscalls import abi
 from syscalls import exec as exec_sys
 from syscalls import info as info_sys
@@ -393,6 +395,41 @@ class Supervisor:
             return str(p.absolute()) if p.is_file() else None
         path = policy.env.set.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         return shutil.which(prog, path=path)
+
+    def _spawn_program(self, prog: str) -> str | None:
+        """A child's program as an absolute path, found only among what the sandbox shows: the
+        system directories, the workspace (less its hidden parts) and the read paths. Anything
+        else is "not found" without being looked at, so a spawn request is no oracle for host
+        files the agent cannot see. Must be a regular file with an execute bit."""
+        assert self._policy is not None
+        if "/" not in prog:
+            path = self._policy.env.set.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            candidates = [f"{d.rstrip('/')}/{prog}" for d in path.split(":") if d.startswith("/")]
+        elif prog.startswith("/"):
+            candidates = [prog]
+        else:
+            candidates = [f"{self._workspace}/{prog}"]
+        for cand in candidates:
+            if ".." in cand.split("/") or "\x00" in cand:
+                continue
+            if not self._visible(Path(cand)):
+                continue
+            try:
+                real = Path(cand).resolve(strict=True)
+                st = real.stat()
+            except (OSError, RuntimeError):
+                continue
+            if self._visible(real) and stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                return cand  # as named: the sandbox follows its links in its own view
+        return None
+
+    def _visible(self, p: Path) -> bool:
+        """Whether an absolute path lies in the sandbox's view (lexically)."""
+        if any(_inside(p, h) is not None for h in self._hidden_abs):
+            return False
+        roots = (*(Path(d) for d in SYSTEM_DIRS), self._workspace, self._bundle,
+                 *(Path(r) for r in self.opts.policy.sandbox.read_paths))
+        return any(_inside(p, r) is not None for r in roots)
 
     def _new_agent(self, run_id: str, argv: list[str], program: str, parent: Agent | None,
                    lineage_hdr: dict[str, Any] | None) -> Agent:
@@ -1073,7 +1110,7 @@ class Supervisor:
         tree, root, key, policy = self.tree, self.root, self.key, self._policy
         assert tree is not None and root is not None and key is not None and policy is not None
         argv: list[str] = list(args["argv"])
-        resolved = self._resolve_program(argv[0], policy, self._workspace) if argv else None
+        resolved = self._spawn_program(argv[0])
         facts = tree.facts(a.run_id)
         asked = args.get("budget")
         budget_req: Usage | None = None
