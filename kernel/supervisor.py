@@ -762,8 +762,10 @@ class Supervisor:
         if not pipes:
             time.sleep(timeout)
             return
-        ready, _, _ = select.select(list(pipes), [], [], timeout)
-        for src in ready:
+        poller = select.poll()  # poll(2): any descriptor number, however many agents
+        for src in pipes:
+            poller.register(src, select.POLLIN)
+        for src, _ev in poller.poll(timeout * 1000):
             x, fd = pipes[src]
             if not self._relay(x, src, fd):
                 # EOF: forget the pipe here and in the loop's selector

@@ -108,6 +108,14 @@ MIB = 1024 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` seconds (poll(2): unlike select(2),
+    any descriptor number works, so a kernel serving many agents is not limited to fd 1023)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(timeout, 0.0) * 1000))
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
@@ -346,8 +354,7 @@ def _stage_b(L: _Launch, life_r: int, st_w: int) -> None:
     spec = L.spec
     with _step("B1 parent-death signal"):
         prctl.set_pdeathsig(signal.SIGKILL)
-        readable, _, _ = select.select([life_r], [], [], 0)
-        if readable:  # EOF: the waiter (and so the kernel's child) is gone
+        if _readable(life_r, 0):  # EOF: the waiter (and so the kernel's child) is gone
             raise _StepError("B1 parent-death signal", errno.ESRCH, "the waiter exited")
         os.close(life_r)
     with _step("B2 mount tree"):
@@ -469,7 +476,7 @@ class NativeSandboxed:
             left = end - time.monotonic()
             if left <= 0:
                 return self.poll()
-            select.select([self._pidfd], [], [], left)
+            _readable(self._pidfd, left)
             st = self.poll()
             if st is not None:
                 return st
@@ -504,7 +511,7 @@ class NativeSandboxed:
         if self._init_pidfd is not None:
             # Readable once the init has exited, which happens only after every process in
             # its namespace is gone.
-            select.select([self._init_pidfd], [], [], 5.0)
+            _readable(self._init_pidfd, 5.0)
 
     def cleanup(self) -> None:
         if self._status is None:
@@ -697,8 +704,7 @@ def _read_setup(err_r: int) -> tuple[dict[str, str], list[str]]:
             left = end - time.monotonic()
             if left <= 0:
                 return {}, ["sandbox setup timed out"]
-            r, _, _ = select.select([err_r], [], [], left)
-            if not r:
+            if not _readable(err_r, left):
                 continue
             chunk = os.read(err_r, 65536)
             if not chunk:
@@ -724,8 +730,7 @@ def _read_init_pid(report_r: int) -> int | None:
     buf = b""
     end = time.monotonic() + SETUP_TIMEOUT_S
     while b"\n" not in buf and time.monotonic() < end:
-        r, _, _ = select.select([report_r], [], [], max(0.0, end - time.monotonic()))
-        if not r:
+        if not _readable(report_r, max(0.0, end - time.monotonic())):
             break
         chunk = os.read(report_r, 1)
         if not chunk:
