@@ -39,6 +39,14 @@ r = step("exec python3 -m unittest (allowlisted)",
 if r is not None:
     print("            exit", r.exit_code, "|", r.stderr.decode().strip().splitlines()[-1])
 step("exec curl (not allowlisted)", lambda: k.exec(["curl", "https://example.com"]))
+
+print("demo agent: spawning a child agent (its own sandbox, channel and run folder)")
+child = step("spawn python3 reviewer.py with a budget of 1 file",
+             lambda: k.spawn(["python3", "reviewer.py"], budget={"files_written": 1}))
+if child is not None:
+    done = k.wait(child["child"])
+    print(f"            child {done['child']} {done['status']}, {done['requests']} requests, "
+          f"{done['denials']} denied")
 info = k.info()
 q = info["quotas"]
 print(f"demo agent: {q['files_written']['used']} file(s) written, "

@@ -20,7 +20,7 @@ class AppTest(unittest.TestCase):
     def test_add(self):
         self.assertEqual(add(2, 3), 5)
 PY
-cp demo/agent.py "$WS/agent.py"
+cp demo/agent.py demo/reviewer.py "$WS/"
 chmod -R a+rX demo
 
 echo "== kernel exec -- python3 agent.py   (workspace $WS, policy default)"
@@ -58,5 +58,8 @@ for line in (pathlib.Path(sys.argv[1]) / "log" / "events.jsonl").read_text().spl
     print(f'  {e["seq"]:3} {e["type"]:18} {extra}')
 PY
 echo
-echo "== kernel verify $run_dir"
+echo "== kernel verify $run_dir   (with its child's folder)"
 $BIN/kernel verify "$run_dir"
+echo
+echo "== kernel runs   (the tree)"
+$BIN/kernel runs --runs-dir runs | tail -3
