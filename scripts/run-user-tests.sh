@@ -29,8 +29,7 @@ cd "$(dirname "$0")/.."
 # Left out, because they compute the same whoever runs them: the fuzz tests, and the corpus run
 # directly through the sandbox contract or under `kernel exec` (selftest runs the same corpus).
 # Left out because they do not hold for an ordinary user yet (docs/testing.md, "Known gaps"):
-# a small memory limit without a memory cgroup, scratch left behind by a killed exec, and a
-# tampering test that writes into a sealed, read-only run folder.
+# a small memory limit without a memory cgroup, set in a fork of pytest's large process.
 SELECTION=(
   tests/unit tests/integration tests/adversarial tests/golden
   --deselect tests/unit/test_fuzz_atheris.py
@@ -39,9 +38,6 @@ SELECTION=(
   --deselect tests/adversarial/test_corpus_under_kernel.py
   --deselect tests/integration/test_native_sandbox.py::test_memory_breach_is_named
   --deselect tests/adversarial/test_native_guarantees.py::test_memory_bomb_is_stopped
-  --deselect tests/integration/test_crash_recovery.py::test_kernel_killed_while_applying_changes_captured_from_exec
-  --deselect tests/integration/test_crash_recovery.py::test_kernel_killed_around_an_exec_applies_nothing_of_it
-  --deselect tests/integration/test_approval_index.py::test_runs_index_and_reconcile_after_index_tampering
 )
 
 USER_NAME=${KERNEL_TEST_USER:-kernel-test-user}

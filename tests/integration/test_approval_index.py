@@ -24,6 +24,7 @@ except SyscallError:
 """
 
 
+@pytest.mark.root  # it tampers with a sealed (read-only) run folder, which only root may write
 def test_runs_index_and_reconcile_after_index_tampering(tmp_path: Path) -> None:
     skip_unless_available("native")
     home = tmp_path / "home"
