@@ -1,6 +1,6 @@
 """Measure the kernel against what users would pick instead; print medians and ratios.
 
-    python -m benchmarks [--only exec,write,execsys,verify,concurrent] [--quick]
+    python -m benchmarks [--only exec,write,execsys,verify,concurrent,spawn,tree] [--quick]
                          [--markdown FILE]
 
 1. ``exec``: the whole ``kernel exec`` of a trivial agent (``/usr/bin/python3 -c pass``), per
@@ -15,6 +15,9 @@
    100k events, in events/s, beside ``sha256sum`` over the same bytes.
 5. ``concurrent``: N trivial runs started at once (N = 1, 10, 50, 100): runs/s, peak memory per
    run, and whether every run ended passed and sealed and verifies intact.
+6. ``spawn``: one ``spawn`` from request to child running (sandbox started, parent answered,
+   child's first request), per available backend (benchmarks/spawn.py).
+7. ``tree``: the largest agent tree asked for (``--tree-shape``), all alive at once, per backend.
 
 Contenders of one item are measured interleaved (A, B, C, A, B, C, ...) so that drift and other
 load on the machine hit all of them alike. Nothing here asserts anything: it reports. A baseline
@@ -45,7 +48,7 @@ BWRAP_FLAGS = ["--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--d
                "--proc", "/proc", "--new-session"]
 FIREJAIL_FLAGS = ["--quiet", "--noprofile", "--net=none", "--seccomp", "--caps.drop=all",
                   "--private"]
-ITEMS = ("exec", "write", "execsys", "verify", "concurrent")
+ITEMS = ("exec", "write", "execsys", "verify", "concurrent", "spawn", "tree")
 
 _out: list[str] = []
 BASELINE: Path | None = None
@@ -501,6 +504,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="items 2-4: interleaved rounds")
     ap.add_argument("--concurrency", default="1,10,50,100", help="item 5: values of N")
     ap.add_argument("--backend", default=None, help="item 5: backend (default: native)")
+    ap.add_argument("--spawns", type=int, default=20, help="item 6: children per round")
+    ap.add_argument("--tree-shape", default="10,10",
+                    help="item 7: children per agent at each generation (10,10: 111 agents)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
     ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
@@ -515,6 +521,7 @@ def main() -> int:
     if a.quick:
         a.runs, a.writes, a.execs, a.events, a.rounds = 3, 200, 3, 2000, 1
         a.concurrency = "1,10"
+        a.spawns, a.tree_shape = 3, "3,2"
     if not os.access(KERNEL, os.X_OK):
         ap.error(f"{KERNEL} not found: run `make bootstrap` first")
     say(f"machine: {machine()}")
@@ -529,6 +536,15 @@ def main() -> int:
         bench_verify(a.events, a.rounds)
     if "concurrent" in only:
         bench_concurrent([int(x) for x in a.concurrency.split(",")], a.backend)
+    if "spawn" in only or "tree" in only:
+        from benchmarks import spawn as spawn_bench
+
+        names = _backends()
+        if "spawn" in only:
+            spawn_bench.bench_spawn(a.spawns, a.rounds, say=say, env_cls=Env, backends=names)
+        if "tree" in only:
+            spawn_bench.bench_tree([int(x) for x in a.tree_shape.split(",")], say=say,
+                                   env_cls=Env, backends=names)
     say(f"\n(benchmark took {time.perf_counter() - t:.0f} s; load average after: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     if a.markdown:
