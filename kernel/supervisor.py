@@ -306,6 +306,8 @@ class Supervisor:
         self.pending_kills: dict[str, dict[str, Any]] = {}
         """Child run id -> ``kernel kill`` request, served by the next turn of the loop."""
         self.serving: Agent | None = None
+        self.stopping = False
+        """Set by the first signal that ends the whole tree; later ones are ignored."""
         self.redact: tuple[str, ...] = ()
         self.tseq = 0
         self._resume: list[Agent] = []
@@ -587,8 +589,8 @@ class Supervisor:
         def on_signal(signum: int, frame: object) -> None:
             name = signal.Signals(signum).name
             root = self.root
-            if root is not None and root.ended:
-                return  # the root is being sealed: nothing is left to end
+            if self.stopping or (root is not None and root.ended):
+                return  # the tree is already being ended (`kill --all` signals once per run)
             asked: dict[str, dict[str, Any]] = {}
             for a in list(self.agents.values()):
                 if a.live is not None and not a.ended:
@@ -600,6 +602,7 @@ class Supervisor:
                 self.pending_kills.update(asked)
                 return
             req = asked.get(root.run_id) if root is not None else None
+            self.stopping = True
             if req is not None:
                 raise _Stop("killed", f"ended by `kernel kill` (uid {req.get('uid')})",
                             kill={"signal": name, **req}, tree=True)
