@@ -363,9 +363,14 @@ def _stage_b(L: _Launch, life_r: int, st_w: int) -> None:
     with _step("B3 hostname and descriptors"):
         socket.sethostname("sandbox")
         _close_all_but({0, 1, 2, L.err_w, st_w, *spec.pass_fds})
+    # RLIMIT_AS (set only without a memory cgroup) is applied in the agent's own process just
+    # before its execve: this init is a fork of the kernel, whose address space may already be
+    # larger than the limit, and spawning from it needs to map memory.
+    as_limit = [rl for rl in L.rlimits if rl[0] == resource.RLIMIT_AS]
     with _step("B4 rlimits"):
         for res, soft, hard in L.rlimits:
-            resource.setrlimit(res, (soft, hard))
+            if res != resource.RLIMIT_AS:
+                resource.setrlimit(res, (soft, hard))
     with _step("B5 drop capabilities"):
         # python-prctl knows only the capabilities of its build; drop every one the running
         # kernel has (cap_last_cap) through prctl(2) itself.
@@ -387,9 +392,12 @@ def _stage_b(L: _Launch, life_r: int, st_w: int) -> None:
     with _step("B10 execve"):
         # posix_spawn (vfork+exec) rather than a fork of this interpreter: cheaper. The
         # agent starts with default dispositions (SIG_IGN would survive exec) and no mask.
-        agent = os.posix_spawn(
-            spec.argv[0], list(spec.argv), dict(spec.env),
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU), setsigmask=())
+        defaults = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU)
+        if not as_limit:
+            agent = os.posix_spawn(spec.argv[0], list(spec.argv), dict(spec.env),
+                                   setsigdef=defaults, setsigmask=())
+        else:
+            agent = _spawn_with_as_limit(spec, as_limit[0], defaults, L.err_w)
     # The init: hold nothing of the agent's (its pipes must see EOF when the agent ends),
     # reap every orphan, end when the agent ends (the kernel then kills the namespace).
     _close_all_but({st_w})
@@ -403,6 +411,28 @@ def _stage_b(L: _Launch, life_r: int, st_w: int) -> None:
             with contextlib.suppress(OSError):
                 os.write(st_w, f"agent {status} {cpu_ms}".encode())
             os._exit(0)
+
+
+def _spawn_with_as_limit(spec: SandboxSpec, limit: tuple[int, int, int],
+                         defaults: tuple[signal.Signals, ...], err_w: int) -> int:
+    """fork, then in the child: default dispositions, empty mask, RLIMIT_AS, execve. Everything
+    the child needs is built before the fork, so nothing is allocated under the limit."""
+    path, argv, env = spec.argv[0], list(spec.argv), dict(spec.env)
+    res, soft, hard = limit
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # pragma: no cover - the child execs or exits
+        for sig in defaults:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        resource.setrlimit(res, (soft, hard))
+        os.execve(path, argv, env)  # noqa: S606 - never a shell, argv as given
+    except BaseException as e:  # pragma: no cover
+        code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+        with contextlib.suppress(BaseException):
+            os.write(err_w, f"error\tB10 execve\t{code}\t{e}\n".encode(errors="replace"))
+    os._exit(127)
 
 
 class NativeSandboxed:

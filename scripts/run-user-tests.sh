@@ -28,16 +28,12 @@ cd "$(dirname "$0")/.."
 # golden gate table, and the corpus through `kernel selftest` (test_ordinary_user.py).
 # Left out, because they compute the same whoever runs them: the fuzz tests, and the corpus run
 # directly through the sandbox contract or under `kernel exec` (selftest runs the same corpus).
-# Left out because they do not hold for an ordinary user yet (docs/testing.md, "Known gaps"):
-# a small memory limit without a memory cgroup, set in a fork of pytest's large process.
 SELECTION=(
   tests/unit tests/integration tests/adversarial tests/golden
   --deselect tests/unit/test_fuzz_atheris.py
   --deselect tests/unit/test_fuzz_properties.py
   --deselect tests/adversarial/test_corpus.py::test_attack_is_stopped
   --deselect tests/adversarial/test_corpus_under_kernel.py
-  --deselect tests/integration/test_native_sandbox.py::test_memory_breach_is_named
-  --deselect tests/adversarial/test_native_guarantees.py::test_memory_bomb_is_stopped
 )
 
 USER_NAME=${KERNEL_TEST_USER:-kernel-test-user}
