@@ -37,7 +37,7 @@ B2. Build the mount tree from scratch (``sandbox/mounts.py``), ``pivot_root`` in
     path; sources were taken before anything could hide or swap them.*
 B3. Hostname ``sandbox``; close the descriptors used to build the tree. *No handle on a host
     mount survives into the agent.*
-B4. rlimits: CPU, NOFILE, NPROC, FSIZE, CORE=0 (and AS only without a memory cgroup).
+B4. rlimits: CPU, NOFILE, NPROC, FSIZE, CORE=0 (AS, only without a memory cgroup, in B10).
     *Per-process resource caps that need no privilege to enforce.*
 B5. Drop every capability: bounding set, ambient, effective/permitted/inheritable. *The
     capabilities B held over its own namespaces are gone before anything untrusted runs.*
@@ -48,8 +48,10 @@ B7. Landlock: read+execute in the view, write only in scratch (and a writable wo
 B8. ``chdir(spec.cwd)``.
 B9. seccomp (``sandbox/seccomp_filter.py``, compiled once, loaded raw). *Kernel attack
     surface and every way back out of the namespaces are refused by number and argument.*
-B10. ``posix_spawn`` the agent with exactly ``spec.env`` and default signal dispositions; then
-     close everything, reap orphans, report the agent's status to A. *The agent inherits all of
+B10. ``posix_spawn`` the agent with exactly ``spec.env`` and default signal dispositions (with
+     an AS limit: fork, set it in the child, execve, since this fork of the kernel may already
+     be larger than the limit); then close everything, reap orphans, report the agent's status
+     to A. *The agent inherits all of
      the above; it is not pid 1, so the kernel's SIGXCPU/SIGXFSZ do end it.*
 
 A failing step is written (step, errno) to a close-on-exec pipe and the process exits 127
