@@ -30,6 +30,7 @@ import dataclasses
 import errno
 import os
 import platform
+import resource
 import secrets
 import select
 import selectors
@@ -335,6 +336,7 @@ class Supervisor:
         if not o.argv:
             raise BadInputError("no agent command given: kernel exec [OPTIONS] -- CMD [ARG...]")
         workspace = _check_workspace(o.workspace)
+        _raise_open_files()
         requested = o.isolation or o.policy.sandbox.isolation
         backend, availability = registry.choose(requested)
         home = o.home or keys.kernel_home()
@@ -1278,6 +1280,17 @@ class Supervisor:
                 "remaining_spawns": max(c.max_spawns - tree.spawns, 0),
                 "children": [x.run_id for x in a.children], "expires_ns": a.expires_ns,
                 "stopped": fired.rule if fired is not None else None}
+
+
+def _raise_open_files() -> None:
+    """Each live agent holds several of the kernel's descriptors (channel, output pipes, process
+    handles, its log, its live mark): take the soft open-files limit up to the hard one, so a
+    wide tree is not stopped by a default soft limit of 1,024. Sandboxes set their own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _quota_usage(policy: Policy) -> Usage:
