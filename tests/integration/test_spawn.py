@@ -186,7 +186,10 @@ except SyscallError as e:
     assert r["a"]["ok"] and r["a"]["result"]["budget"]["bytes_written"] == 1000
     assert all(c["ok"] for c in r["kids"]), r["kids"]
     # each sibling was handed the whole remainder at its spawn: 3000 - 900 (a's three writes)
-    assert [c["result"]["budget"]["bytes_written"] for c in r["kids"]] == [2100] * 3
+    # for the first; less for a later one if an earlier sibling had already written
+    budgets = [c["result"]["budget"]["bytes_written"] for c in r["kids"]]
+    assert budgets[0] == 2100 and budgets == sorted(budgets, reverse=True), budgets
+    assert all(b % 100 == 0 and b > 0 for b in budgets), budgets
     assert r["root_write"] == "quota.bytes_written"
 
     sizes = {p.name: p.stat().st_size for p in run.workspace.glob("g-*.bin")}
