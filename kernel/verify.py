@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -867,6 +868,39 @@ class _Chunk:
     ``run.recovered`` (which names children that never started)."""
 
 
+_FLOAT_TOKEN = re.compile(rb"[:,\[]-?[0-9]+(?:\.[0-9]+(?:[eE][+-]?[0-9]+)?|[eE][+-]?[0-9]+)[,\]}]")
+
+
+def _fast_canonical(line: bytes) -> Any:
+    """The event in ``line`` when orjson parses it, re-serializes it (sorted keys, compact) to
+    exactly the same bytes and it holds no float: then the json module would accept it too
+    (same escapes, same key order by code point, same integers). None: let the json module
+    judge the line (a float, an integer beyond 64 bits, anything orjson refuses or writes
+    differently)."""
+    try:
+        ev = orjson.loads(line)
+        if type(ev) is not dict or orjson.dumps(ev, option=orjson.OPT_SORT_KEYS) != line:
+            return None
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, TypeError, ValueError):
+        return None
+    # The line is canonical compact JSON, so a float is a number token between `:`, `,` or `[`
+    # and `,`, `]` or `}` with a fraction or an exponent. Most lines have none: only when the
+    # pattern shows up (perhaps inside a string) are the values walked.
+    if _FLOAT_TOKEN.search(line) is None:
+        return ev
+    stack: list[Any] = [ev]
+    while stack:
+        x = stack.pop()
+        t: type = type(x)
+        if t is dict:
+            stack.extend(x.values())
+        elif t is list:
+            stack.extend(x)
+        elif t is float:
+            return None
+    return ev
+
+
 def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
                 prev: str | None) -> _Chunk:
     """Check the lines in ``data[start:end]`` (whole lines). ``prev=None``: the first line's
@@ -885,10 +919,12 @@ def _scan_chunk(data: bytes, start: int, end: int, first_seq: int, run_id: str,
     for line in lines:
         rank = _R_PARSE
         try:
-            text = line.decode("utf-8")
-            ev = loads(text)
-            if dumps(ev) != text:
-                raise ValueError("not in canonical form (re-serialization differs)")
+            ev = _fast_canonical(line)
+            if ev is None:  # the exact, slower judge: the standard json module with hooks
+                text = line.decode("utf-8")
+                ev = loads(text)
+                if dumps(ev) != text:
+                    raise ValueError("not in canonical form (re-serialization differs)")
             rank = _R_SHAPE
             if type(ev) is not dict or ev.keys() != keys:
                 raise ValueError(f"not an event object with fields {sorted(keys)}")
