@@ -14,10 +14,7 @@ import os
 import shutil
 import signal
 import socket
-import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,6 @@ from kernel.policy import Limits
 from sandbox import cgroups, seccomp_filter
 from sandbox.native import NativeBackend
 from tests.sandbox_helpers import (
-    DEFAULT_ENV,
     PYTHON,
     agent_argv,
     backend_or_skip,
@@ -275,27 +271,6 @@ def test_rlimit_as_only_without_memory_cgroup(native: NativeBackend, workspace: 
     assert isinstance(e["limits"]["address_space_bytes"], str) == mem_cgroup
 
 
-def test_spawn_overhead(native: NativeBackend, workspace: Path) -> None:
-    """Median extra cost of a sandboxed ``python3 -c pass`` over a bare one (printed; the
-    bound is loose because test machines are shared)."""
-    spec = make_spec(workspace, [PYTHON, "-c", "pass"], env=DEFAULT_ENV)
-    sandboxed: list[float] = []
-    bare: list[float] = []
-    for _ in range(12):
-        t = time.perf_counter()
-        sb = native.start(spec)
-        sb.wait(30)
-        sandboxed.append(time.perf_counter() - t)
-        sb.cleanup()
-        t = time.perf_counter()
-        subprocess.run([PYTHON, "-c", "pass"], check=True, env=DEFAULT_ENV)
-        bare.append(time.perf_counter() - t)
-    extra_ms = (statistics.median(sandboxed) - statistics.median(bare)) * 1000
-    print(f"native spawn overhead: {extra_ms:.1f} ms (median of 12; bare "
-          f"{statistics.median(bare) * 1000:.1f} ms)")
-    assert extra_ms < 250
-
-
 def test_memory_breach_is_named(native: NativeBackend, workspace: Path) -> None:
     limits = Limits(wall_seconds=60, cpu_seconds=60, memory_mb=64, processes=16,
                     open_files=64, file_size_mb=8)
@@ -303,7 +278,10 @@ def test_memory_breach_is_named(native: NativeBackend, workspace: Path) -> None:
               timeout=120)
     mem_cgroup = "memory" in res.enforced["cgroup"].get("paths", {})
     if not mem_cgroup:
-        pytest.skip("no memory cgroup here: RLIMIT_AS contains the bomb (tested elsewhere)")
+        # RLIMIT_AS instead (an ordinary user's kernel): the bomb's own allocation fails
+        assert isinstance(res.enforced["limits"]["address_space_bytes"], int)
+        assert res.status == 3, res  # memory_bomb.py exits 3 on MemoryError
+        return
     assert res.breach == "memory" and res.status == -signal.SIGKILL
 
 
