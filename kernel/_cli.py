@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--all", action="store_true", help="end every live run of the runs dir")
     kl.add_argument("--runs-dir", default="runs", metavar="DIR",
                     help="the runs dir the runs were started with (default: ./runs)")
-    kl.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                    help="how long to wait for the runs to end (default: 30)")
+    kl.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="how long to wait for the runs to end (default: 30, plus 0.1 per "
+                    "live run of the runs dir: a tree's folders are sealed one by one)")
     kl.add_argument("--json", action="store_true", help="print {killed, not_live} as JSON")
 
     k = sub.add_parser("key", help="show the kernel's public key (created on first use)")
@@ -410,7 +411,8 @@ def _cmd_kill(a: argparse.Namespace) -> int:
             raise KernelError(f"run {r}: cannot signal its kernel (pid "
                               f"{live[r]['kernel_pid']}): {e.strerror}",
                               hint="run `kernel kill` as the user who started the run") from None
-    left = killswitch.wait_ended(runs_dir, targets, a.timeout)
+    timeout = a.timeout if a.timeout is not None else 30.0 + 0.1 * len(live)
+    left = killswitch.wait_ended(runs_dir, targets, timeout)
     killed = [r for r in targets if r not in left]
     if a.json:
         sys.stdout.write(json.dumps({"killed": killed, "not_live": missing,
@@ -421,7 +423,7 @@ def _cmd_kill(a: argparse.Namespace) -> int:
     for r in missing:
         sys.stderr.write(f"kernel kill: run {r} is not live in {runs_dir}\n")
     if left:
-        raise KernelError(f"run(s) {', '.join(left)} did not end within {a.timeout} s")
+        raise KernelError(f"run(s) {', '.join(left)} did not end within {timeout:g} s")
     if missing:
         return int(ExitCode.NOT_FOUND)
     return int(ExitCode.OK)
