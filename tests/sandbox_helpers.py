@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import select
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kernel.corpus import pids_with_marker
+from kernel.corpus import collect_output, pids_with_marker
 from kernel.errors import SandboxError
 from kernel.policy import Limits
 from sandbox import registry
@@ -131,42 +130,7 @@ def run(backend: Backend, spec: SandboxSpec, *, timeout: float = 60.0) -> Result
 
 def collect(sb: Sandboxed, out_r: int, err_r: int, timeout: float) -> tuple[bytes, bytes, bool]:
     """Read both pipes until EOF and the process has ended, or kill at the deadline."""
-    bufs: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
-    open_fds = [out_r, err_r]
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    ended_at: float | None = None
-    while True:
-        now = time.monotonic()
-        if now > deadline:
-            timed_out = True
-            sb.kill()
-            break
-        if sb.poll() is not None:
-            ended_at = ended_at or now
-            # A straggler might keep a pipe open; the tree is gone once the status is in,
-            # so stop shortly after.
-            if not open_fds or now - ended_at > 2.0:
-                break
-        if not open_fds:
-            sb.wait(min(0.05, max(0.0, deadline - now)))
-            continue
-        r, _, _ = select.select(open_fds, [], [], 0.05)
-        for fd in r:
-            chunk = os.read(fd, 65536)
-            if chunk:
-                bufs[fd] += chunk
-            else:
-                open_fds.remove(fd)
-    sb.wait(10)
-    for fd in open_fds:
-        os.set_blocking(fd, False)
-        try:
-            while chunk := os.read(fd, 65536):
-                bufs[fd] += chunk
-        except BlockingIOError:
-            pass
-    return bytes(bufs[out_r]), bytes(bufs[err_r]), timed_out
+    return collect_output(sb, out_r, err_r, timeout)
 
 
 def wait_gone(marker: str, seconds: float) -> list[int]:

@@ -492,8 +492,9 @@ def run_attack(backend: Backend, attack: Attack, *, timeout: float = 60.0) -> Ou
             os.close(err_w)
         inbound: list[str] = []
         try:
-            out, err = _collect(sb, out_r, err_r, timeout, b if "no_inbound" in attack.checks
-                                else None, inbound)
+            out, err, _ = collect_output(
+                sb, out_r, err_r, timeout,
+                _inbound_probe(b, inbound) if "no_inbound" in attack.checks else None)
             status = sb.poll()
             breach = sb.breach()
         finally:
@@ -557,24 +558,32 @@ def judge(attack: Attack, b: Bait, backend: str, out: bytes, err: bytes, status:
     return Outcome(attack, backend, ok, evidence, result, status, time.monotonic() - started)
 
 
-def _collect(sb: Any, out_r: int, err_r: int, timeout: float, inbound_bait: Bait | None,
-             inbound: list[str]) -> tuple[bytes, bytes]:
+def collect_output(sb: Any, out_r: int, err_r: int, timeout: float,
+                   tick: Callable[[], None] | None = None) -> tuple[bytes, bytes, bool]:
+    """Read a sandbox's stdout and stderr pipes until EOF and its end, or kill it at the
+    deadline; returns ``(out, err, timed_out)``. ``tick`` runs once per turn (the corpus
+    probes a listener there). Shared with the tests' sandbox helper."""
     bufs = {out_r: bytearray(), err_r: bytearray()}
     fds = [out_r, err_r]
     deadline = time.monotonic() + timeout
     ended: float | None = None
-    while time.monotonic() < deadline:
-        if inbound_bait is not None:
-            with contextlib.suppress(OSError), \
-                    socket.create_connection(("127.0.0.1", inbound_bait.free_port), 0.1) as c:
-                c.sendall(b"host")
-                inbound.append("the host connected to the agent's port")
+    timed_out = False
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            timed_out = True
+            sb.kill()
+            break
+        if tick is not None:
+            tick()
         if sb.poll() is not None:
-            ended = ended or time.monotonic()
-            if not fds or time.monotonic() - ended > 2:
+            ended = ended or now
+            # A straggler might keep a pipe open; the tree is gone once the status is in,
+            # so stop shortly after.
+            if not fds or now - ended > 2:
                 break
         if not fds:
-            sb.wait(0.05)
+            sb.wait(min(0.05, max(0.0, deadline - now)))
             continue
         r, _, _ = select.select(fds, [], [], 0.05)
         for fd in r:
@@ -583,10 +592,23 @@ def _collect(sb: Any, out_r: int, err_r: int, timeout: float, inbound_bait: Bait
                 bufs[fd] += chunk
             else:
                 fds.remove(fd)
-    else:
-        sb.kill()
     sb.wait(10)
-    return bytes(bufs[out_r]), bytes(bufs[err_r])
+    for fd in fds:  # what is left, without blocking on a writer that survived
+        os.set_blocking(fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                bufs[fd] += chunk
+    return bytes(bufs[out_r]), bytes(bufs[err_r]), timed_out
+
+
+def _inbound_probe(bait: Bait, inbound: list[str]) -> Callable[[], None]:
+    """Each turn: try to connect from the host to the port the agent may have bound."""
+    def probe() -> None:
+        with contextlib.suppress(OSError), \
+                socket.create_connection(("127.0.0.1", bait.free_port), 0.1) as c:
+            c.sendall(b"host")
+            inbound.append("the host connected to the agent's port")
+    return probe
 
 
 def _check(check: str, b: Bait, attack: Attack, result: Any, text: str, status: int | None,
