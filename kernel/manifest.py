@@ -11,9 +11,11 @@ with ``fstat`` after opening, so a FIFO swapped in at the last moment cannot han
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -269,6 +271,24 @@ def clone_tree(src: Path, dst: Path, *, exclude: Sequence[str], uid: int, gid: i
     finally:
         os.close(srcroot)
         os.close(dstroot)
+
+
+def remove_tree(top: Path) -> None:
+    """Remove a directory tree that may hold read-only directories (a command's copy of the
+    workspace, a replayed tree): the owner gets rwx on every directory first, top-down, never
+    through a symlink, then the tree goes. Only for trees nothing else writes any more (the
+    command, or the kernel that made it, has ended). Root needs no modes; an ordinary user
+    does. Errors are ignored: what cannot be removed stays."""
+    with contextlib.suppress(OSError):
+        if not os.path.islink(top):
+            os.chmod(top, 0o700)
+    for root, dirs, _files in os.walk(top):  # top-down: a directory is listed after its chmod
+        for d in dirs:
+            full = os.path.join(root, d)
+            if not os.path.islink(full):
+                with contextlib.suppress(OSError):
+                    os.chmod(full, 0o700)
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def _clone(sfd: int, dfd: int, base: str, exclude: Sequence[str], uid: int, gid: int,

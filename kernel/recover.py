@@ -32,11 +32,9 @@ was told succeeded is missing from the sealed folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -400,20 +398,6 @@ def _remove_scratch(run_id: str) -> list[str]:
     removed = []
     for p in sorted(base.glob(f"agent-kernel-{run_id}-*")):
         if p.is_dir() and not p.is_symlink():
-            _make_removable(p)
-            shutil.rmtree(p, ignore_errors=True)
+            manifest.remove_tree(p)
             removed.append(str(p))
     return removed
-
-
-def _make_removable(top: Path) -> None:
-    """Give the owner rwx on every directory of ``top`` (a command may have left read-only
-    directories in its copy; root removes them anyway, an ordinary user needs the modes)."""
-    with contextlib.suppress(OSError):
-        os.chmod(top, 0o700)
-    for root, dirs, _files in os.walk(top):  # top-down: a directory is opened after its chmod
-        for d in dirs:
-            full = os.path.join(root, d)
-            if not os.path.islink(full):
-                with contextlib.suppress(OSError):
-                    os.chmod(full, 0o700)

@@ -63,8 +63,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -854,7 +852,7 @@ def replay_run(run_dir: Path, trusted: Sequence[Ed25519PublicKey], *,
             report.problem = (f"{e}; give the initial workspace with --workspace DIR"
                               if e.needs_workspace else str(e))
     finally:
-        _rmtree(tmp)
+        manifest.remove_tree(tmp)
     return report
 
 
@@ -1276,19 +1274,6 @@ def _check_gate(events: list[dict[str, Any]], policy: Policy) -> None:
         if got != e["body"]:
             raise _diverge(e["seq"], "gate report (re-evaluated from the recorded evidence)",
                            e["body"], got)
-
-
-def _rmtree(path: Path) -> None:
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            parent = os.path.dirname(p)
-            os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | 0o700)
-            func(p)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                pass
-
-    shutil.rmtree(path, onerror=onerror)
 
 
 __all__ = ["DIVERGED", "IDENTICAL", "UNVERIFIED", "Divergence", "ReplayReport", "replay_run"]

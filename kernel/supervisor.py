@@ -390,7 +390,7 @@ class Supervisor:
             if self._ws is not None:
                 self._ws.close()
             self.sel.close()
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            manifest.remove_tree(self._scratch)
 
     def _resolve_program(self, prog: str, policy: Policy, workspace: Path) -> str | None:
         """A program as an absolute path, looked up as the sandbox would; None if not found."""

@@ -238,7 +238,7 @@ def perform(g: Grant, ctx: RunContext, stdin: bytes, *, req: int, request_digest
             "sandbox": {"spec": spec_summary(spec), "enforced": enforced},
         }
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        manifest.remove_tree(work)
 
 
 def _collect(sb: Any, out_r: int, err_r: int, cap: int, timeout: int

@@ -187,3 +187,27 @@ def test_scan_of_1000_files(tmp_path: Path) -> None:
     m = scan(tmp_path)
     assert len(m) == 1010
     assert sum(1 for e in m.values() if e.kind == "file") == 1000
+
+
+def test_remove_tree_with_read_only_directories_never_chmods_through_a_symlink(
+        tmp_path: Path) -> None:
+    """A command's copy may hold read-only or unreadable directories: all of it goes (as an
+    ordinary user too, where modes matter); a symlinked directory's target keeps its mode."""
+    from kernel.manifest import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o555)
+    top = tmp_path / "copy"
+    (top / "ro" / "deep").mkdir(parents=True)
+    (top / "ro" / "deep" / "f.txt").write_text("x")
+    (top / "ro" / "g.txt").write_text("y")
+    (top / "closed").mkdir()
+    (top / "closed" / "h.txt").write_text("z")
+    (top / "link").symlink_to(outside)
+    os.chmod(top / "ro" / "deep", 0o500)
+    os.chmod(top / "ro", 0o500)
+    os.chmod(top / "closed", 0o000)
+    remove_tree(top)
+    assert not top.exists() and not top.is_symlink()
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o555
+    os.chmod(outside, 0o755)
