@@ -21,8 +21,10 @@ POINTS = (
     "log.before_write",   # an event is about to be appended
     "log.after_write",    # the line is written but not yet fdatasync'd
     "log.after_sync",     # the line is durable; append has not returned yet
-    "ws.tmp_written",     # a workspace temp file is complete and fsync'd, not yet renamed
+    "ws.tmp_written",     # a temp file is complete (fsync'd unless log-durable), not renamed
     "ws.renamed",         # renamed over the target, the directory not yet fsync'd
+    "ws.log_durable_applied",  # a log-durable write is in place, unsynced; no result line yet
+    "ws.checkpoint.synced",  # the workspace's file system is synced; workspace.synced not yet
     "answer.before_send", # the records are durable; the answer is not yet sent
     "exec.copied",        # an exec's private copy is made and scanned; the command has not run
     "exec.captured",      # the command has ended and its copy is scanned; nothing applied yet

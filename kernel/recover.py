@@ -11,6 +11,14 @@ What a crash can leave, and what recovery does with it:
   untouched plus a stray temp file named ``.kernel-tmp-<16 hex>``. Recovery removes such stray
   files (only names of exactly that form that no recorded evidence mentions) and keeps their
   content as blobs, named in the ``run.recovered`` event.
+* **Log-durable writes** (write-ahead, ``docs/runs-format.md``): an op ``write`` whose
+  decision carries ``"durable": "log"`` was committed by that decision line, which holds its
+  content in the request line; its change in the workspace was made without a sync, and after a
+  power cut the file may hold the old content, the new one or neither. Every such write after
+  the log's last ``workspace.synced`` (and not recorded as failed) is re-applied in log order,
+  atomically and fsync'ed (``syscalls.write.apply_logged``: a file that already holds the
+  content is only synced), and listed in ``run.recovered`` as ``redone``, each with its
+  outcome (``present``, ``applied``, or the error). Nothing else is ever re-applied.
 * **Unfinished requests**: an allowed write whose result was never recorded may or may not have
   taken effect. ``run.recovered`` lists them; the observed workspace (the final manifest written
   now) decides, and ``kernel replay`` accepts either outcome only for those.
@@ -26,12 +34,16 @@ are removed once, recorded by the folder asked for. A parent's ``run.recovered``
 without a result (the child never ran) or without ``spawn.exit`` (its end was never recorded) as
 unfinished, with ``child`` and ``missing``; then the parent records ``spawn.exit`` (``recovered:
 true``) for each child sealed by then, with that child's seal digest.
-Every answer the agent got was sent only after its records were fdatasync'd, so nothing the agent
-was told succeeded is missing from the sealed folder.
+Every answer the agent got was sent only after its records were fdatasync'd (for a log-durable
+write: its request and decision, which hold the content), so nothing the agent was told
+succeeded is missing from the sealed folder or, once recovered, from the workspace.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as _dt
 import json
 import os
 import re
@@ -42,8 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernel import manifest
+from kernel import evidence, manifest
 from kernel.canonical import sha256_digest
+from kernel.decide import WriteRequest
 from kernel.errors import BadInputError, RunIntegrityError
 from kernel.keys import KernelKey
 from kernel.paths import PathViolation, read_regular
@@ -67,6 +80,9 @@ class RecoverReport:
     unfinished: list[dict[str, Any]] = field(default_factory=list)
     stray_removed: list[str] = field(default_factory=list)
     scratch_removed: list[str] = field(default_factory=list)
+    redone: list[dict[str, Any]] = field(default_factory=list)
+    """Log-durable writes re-applied (``seq`` of the decision, ``path``, ``digest``,
+    ``outcome``)."""
     final_tree_digest: str | None = None
     seal: str | None = None
     descendants: list[RecoverReport] = field(default_factory=list)
@@ -77,7 +93,7 @@ class RecoverReport:
         out = {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status,
                "events_before": self.events_before, "torn_tail": self.torn_tail,
                "unfinished": self.unfinished, "stray_removed": self.stray_removed,
-               "scratch_removed": self.scratch_removed,
+               "scratch_removed": self.scratch_removed, "redone": self.redone,
                "final_tree_digest": self.final_tree_digest, "seal": self.seal}
         if self.descendants:
             out["descendants"] = [d.to_json() for d in self.descendants]
@@ -202,6 +218,78 @@ def _open_approvals(events: list[dict[str, Any]]) -> list[str]:
     return [a for a in opened if a not in closed]
 
 
+def _log_durable(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Log-durable writes after the last ``workspace.synced``, in log order, with their content
+    (from the request line) and target (from the decision's facts); not those whose result
+    says they failed."""
+    last = max((i for i, e in enumerate(events) if e["type"] == "workspace.synced"), default=-1)
+    out: list[dict[str, Any]] = []
+    request: dict[str, Any] = {}
+    for ev in events[last + 1:]:
+        t, b = ev["type"], ev["body"]
+        if t == "syscall.request":
+            request = b
+        elif (t == "syscall.decision" and b.get("durable") == "log"
+              and b.get("decision") == "allowed"):
+            args = request.get("args")
+            if request.get("request_digest") != b.get("request_digest") or not isinstance(
+                    args, dict) or not isinstance(args.get("content_b64"), str):
+                raise RunIntegrityError(f"seq {ev['seq']}: a log-durable decision without its "
+                                        "request's content in the line before it")
+            try:
+                wreq, _ = evidence.request_from(b.get("facts"))
+                content = base64.b64decode(args["content_b64"], validate=True)
+            except (ValueError, binascii.Error) as e:
+                raise RunIntegrityError(f"seq {ev['seq']}: log-durable write unreadable: {e}"
+                                        ) from None
+            if not isinstance(wreq, WriteRequest) or wreq.op != "write":
+                raise RunIntegrityError(f"seq {ev['seq']}: a log-durable decision that is not "
+                                        "for an op 'write'")
+            out.append({"seq": ev["seq"], "req": b.get("req"),
+                        "request_digest": b.get("request_digest"), "path": wreq.target.rel,
+                        "mode": wreq.mode, "content": content})
+        elif t == "syscall.result" and b.get("ok") is False:
+            out = [w for w in out if (w["req"], w["request_digest"]) != (
+                b.get("req"), b.get("request_digest"))]
+    return out
+
+
+REDO_SLACK_NS = 2_000_000_000
+"""A workspace entry modified more than this after the run's last record was changed by
+something else after the run stopped: recovery does not write over it."""
+
+
+def _redo(ws: Path, writes: list[dict[str, Any]], last_ts: str) -> list[dict[str, Any]]:
+    """Re-apply log-durable writes in order (see the module docstring)."""
+    from kernel.paths import Workspace
+    from syscalls.write import apply_logged, changed_after
+
+    done: list[dict[str, Any]] = []
+    if not writes:
+        return done
+    t = _dt.datetime.strptime(last_ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
+    limit = (int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000) + REDO_SLACK_NS
+    wsh = Workspace.open(ws, view_root=str(ws))
+    try:
+        # Looked at before anything is written: a path something else changed after the run
+        # stopped keeps that change (the outcome says so); the others are re-applied in order.
+        newer = {w["path"] for w in writes if changed_after(wsh, w["path"], limit)}
+        for w in writes:
+            entry = {"seq": w["seq"], "path": w["path"], "digest": sha256_digest(w["content"])}
+            if w["path"] in newer:
+                entry["outcome"] = "newer: changed after the run stopped; left as it is"
+                done.append(entry)
+                continue
+            try:
+                entry["outcome"] = apply_logged(wsh, w["path"], w["content"], w["mode"])
+            except OSError as e:
+                entry["outcome"] = f"failed: {e.strerror or e}"
+            done.append(entry)
+    finally:
+        wsh.close()
+    return done
+
+
 def _known_paths(run_dir: Path, events: list[dict[str, Any]]) -> set[str]:
     known: set[str] = set()
     init = run_dir / MANIFESTS["initial"]
@@ -255,6 +343,11 @@ def recover_run(run_dir: Path, key: KernelKey, *, workspace: Path | None = None
 def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[str],
                  strays: bool, below: list[Path]) -> RecoverReport:
     before = _events(run_dir)
+    redo = _log_durable(before) if before and before[-1]["type"] != "run.end" else []
+    if redo and ws is None:
+        raise BadInputError(f"{run_dir}: {len(redo)} committed write(s) must be re-applied to "
+                            "the workspace, and the run names none",
+                            hint="give the run's workspace with --workspace DIR")
     log_size = (run_dir / LOG_FILE).stat().st_size
     rec = RunRecorder.resume(run_dir, key=key)
     report = RecoverReport(run_id=rec.run_id, run_dir=run_dir, status="aborted",
@@ -271,6 +364,8 @@ def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[s
                 removed.append(_remove_stray(rec, ws, rel))
                 report.stray_removed.append(rel)
         report.scratch_removed = _remove_scratch(rec.run_id)
+        if ws is not None:
+            report.redone = _redo(ws, redo, before[-1]["ts"])
         for child in below:  # deepest first; each is sealed before its parent
             report.descendants.append(_recover_one(child, key, ws, known=known, strays=False,
                                                    below=[]))
@@ -294,6 +389,7 @@ def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[s
             rec.append("run.recovered", {
                 "last_seq_before": len(before) - 1, "unfinished": report.unfinished,
                 "stray_tmp": removed, "scratch_removed": report.scratch_removed,
+                **({"redone": report.redone} if report.redone else {}),
                 "observed_tree_digest": final_digest,
                 "detail": "the kernel stopped before sealing; sealed by kernel recover"})
             for body in _child_exits(run_dir, key, before):

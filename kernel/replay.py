@@ -411,7 +411,17 @@ class _Replayer:
         if req.op in ("write", "create", "append"):
             ref = b.get("content_blob") if req.captured else (
                 self.last_request or {}).get("content_blob")
-            if ref is None and req.payload_bytes == 0:
+            args = (self.last_request or {}).get("args")
+            in_line = (args.get("content_b64") if not req.captured and isinstance(args, dict)
+                       else None)
+            if ref is None and isinstance(in_line, str):
+                # a write-ahead request line holds the content itself (docs/runs-format.md)
+                try:
+                    content = base64.b64decode(in_line, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _diverge(seq, "content held by the request line", "base64",
+                                   in_line[:64]) from None
+            elif ref is None and req.payload_bytes == 0:
                 content = b""
             elif not isinstance(ref, str):
                 raise _diverge(seq, "content blob of an allowed write", "a recorded blob", ref)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import os
@@ -67,7 +68,7 @@ from kernel.errors import BadInputError, KernelError
 from kernel.keys import KernelKey
 from kernel.paths import Workspace
 from kernel.policy import Policy
-from kernel.recorder import RunRecorder
+from kernel.recorder import RecorderError, Redactor, RunRecorder
 from kernel.replication import BUDGET_FIELDS, Contract, SpawnRequest, TreeLedger
 from sandbox import registry
 from sandbox.base import Backend, Sandboxed, SandboxSpec, spec_summary
@@ -86,6 +87,12 @@ BREACH_CHECK_S = 0.01
 """Least time between two reads of a sandbox's limit counters inside the request loop."""
 INLINE_ARGS_MAX = 64 * 1024
 """Request arguments larger than this (canonical JSON) are recorded as a blob."""
+LOG_CONTENT_MAX = 32 * 1024
+"""Largest content a ``write`` may carry in its request line (write-ahead, see dispatch)."""
+CHECKPOINT_WRITES = 256
+"""Log-durable writes after which the workspace is synced (bounds what recovery re-applies)."""
+CHECKPOINT_S = 1.0
+"""Longest time a log-durable write waits for a workspace checkpoint."""
 WAIT_MAX_MS = 86_400_000
 ARGV_MAX = 4096
 """Most arguments a spawn request may carry."""
@@ -273,6 +280,8 @@ class Agent:
     requests: int = 0
     denials: int = 0
     quota_denials: int = 0
+    log_durable_answer: bool = False
+    """The answer being sent is for a log-durable write (its result line may be unsynced)."""
     children: list[Agent] = field(default_factory=list)
     spawn_seq: int = -1
     """Seq of the parent's allowed spawn decision for this child."""
@@ -310,7 +319,11 @@ class Supervisor:
         self.stopping = False
         """Set by the first signal that ends the whole tree; later ones are ignored."""
         self.redact: tuple[str, ...] = ()
+        self._redactor = Redactor(())
         self.tseq = 0
+        self.ws_dirty = 0
+        """Log-durable writes whose workspace change is not synced yet (see dispatch)."""
+        self.ws_dirty_since = 0.0
         self._resume: list[Agent] = []
         """Agents whose parked ``wait`` was answered: their buffered requests are served next."""
         # shared by every agent of the tree
@@ -360,6 +373,7 @@ class Supervisor:
                                 "kernel home; choose another workspace")
         env = agentenv.build(o.policy, os.environ, o.env)
         self.redact = tuple(env.redact)
+        self._redactor = Redactor(self.redact)
         self.contract = replication.contract_of(policy.spawn, policy.source)
         self._backend, self._facts = backend, availability.facts
         self._runs_dir, self._home, self._workspace = runs_dir, home, workspace
@@ -551,6 +565,31 @@ class Supervisor:
         self.tseq += 1
         return self.tseq
 
+    def _log_durable_ok(self, a: Agent) -> bool:
+        """Write-ahead (see dispatch) only for the root of a tree that never had a child: one
+        folder then holds every change recovery may have to re-apply, in its own order."""
+        return a is self.root and len(self.agents) == 1 and not self.stopping
+
+    def _checkpoint(self) -> None:
+        """Make every log-durable write's workspace change durable (one ``syncfs`` of the
+        workspace's file system) and record it: ``kernel recover`` re-applies only the
+        log-durable writes after the last ``workspace.synced``. A failed sync is fatal, like a
+        failed fsync of the log: the kernel cannot know what reached the disk."""
+        if not self.ws_dirty:
+            return
+        assert self._ws is not None and self.root is not None
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._ws.fd)
+            try:
+                _syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise RecorderError(f"syncing the workspace's file system failed: {e}") from e
+        failpoints.hit("ws.checkpoint.synced")
+        self.root.rec.append("workspace.synced", {"tseq": self.tseq, "writes": self.ws_dirty})
+        self.ws_dirty = 0
+
     def _run_tree(self, run_id: str, program: str) -> RunOutcome:
         o = self.opts
         root = self._new_agent(run_id, list(o.argv), program, None, None)
@@ -637,6 +676,8 @@ class Supervisor:
         resume = self._resume
         while not self._done():
             now = time.monotonic()
+            if self.ws_dirty and now - self.ws_dirty_since >= CHECKPOINT_S:
+                self._checkpoint()
             if self.pending_kills:
                 self._serve_kills()
             for a in self._live():
@@ -948,6 +989,7 @@ class Supervisor:
         body["stdout_blob"] = rec.put_blob(bytes(a.out_keep[1]))
         body["stderr_blob"] = rec.put_blob(bytes(a.out_keep[2]))
         rec.append("agent.exit", body)
+        self._checkpoint()  # the final manifest describes a workspace that is on disk
         final = manifest.scan(ctx.workspace, exclude=ctx.hidden_rel)
         final_digest = rec.write_manifest("final", manifest.manifest_bytes(final))
         own = ctx.ledger.own
@@ -1010,11 +1052,17 @@ class Supervisor:
                 self.serving = None
             if answer is None:
                 continue  # parked: answered when the child ends or the wait times out
-            # Every record of this request is durable before the agent hears anything. (The
-            # decision's own fdatasync normally covered the request line already.)
-            a.rec.sync()
+            # Every record of this request is durable before the agent hears anything (the
+            # decision's own fdatasync normally covered the request line already), except the
+            # result line of a log-durable write: its decision line committed it.
+            if a.log_durable_answer:
+                a.log_durable_answer = False
+            else:
+                a.rec.sync()
             failpoints.hit("answer.before_send")
             chan.send(answer)
+            if self.ws_dirty >= CHECKPOINT_WRITES:
+                self._checkpoint()
 
     def _handle(self, a: Agent, frame: dict[str, Any]) -> dict[str, Any] | None:
         """One request -> exactly one recorded decision -> one response (None: deferred)."""
@@ -1036,7 +1084,14 @@ class Supervisor:
         problem = _frame_problem(frame)
         call = frame.get("call") if problem is None else None
         args = frame.get("args") if problem is None else None
-        recorded_args, blobs = _recordable_args(ctx, call, args if isinstance(args, dict) else {})
+        in_log = call == "write" and self._log_durable_ok(a)
+        recorded_args, blobs, in_log = _recordable_args(
+            ctx, call, args if isinstance(args, dict) else {},
+            self._redactor if in_log else None)
+        if call != "info" and not in_log:
+            # Any other change (and spawn, wait, register) comes after every log-durable write
+            # is synced: those are always the last changes of a folder (see dispatch).
+            self._checkpoint()
         request_body: dict[str, Any] = {"req": rid, "call": call if isinstance(call, str) else None,
                                         "args": recorded_args}
         request_digest = digest_of(request_body)
@@ -1072,14 +1127,22 @@ class Supervisor:
             if call == "wait":
                 return self._wait(a, rid, args, request_digest, now_ns)
             return self._register(a, rid, args, request_digest, now_ns)
-        handler: Callable[..., dispatch.Outcome]
+        out: dispatch.Outcome
         if call == "write":
-            handler = dispatch.handle_write
+            out = dispatch.handle_write(ctx, args, now_ns=now_ns, request_digest=request_digest,
+                                        req=rid, content_in_log=in_log,
+                                        checkpoint=self._checkpoint)
+            if out.log_durable:
+                a.log_durable_answer = True
+                if not self.ws_dirty:
+                    self.ws_dirty_since = time.monotonic()
+                self.ws_dirty += 1
         elif call == "exec":
-            handler = exec_sys.handle
+            out = exec_sys.handle(ctx, args, now_ns=now_ns, request_digest=request_digest,
+                                  req=rid)
         else:
-            handler = info_sys.handle
-        out = handler(ctx, args, now_ns=now_ns, request_digest=request_digest, req=rid)
+            out = info_sys.handle(ctx, args, now_ns=now_ns, request_digest=request_digest,
+                                  req=rid)
         if out.decision is not None and not out.decision.allowed:
             a.denials += 1
             tree.denials += 1
@@ -1354,11 +1417,18 @@ def _frame_problem(frame: dict[str, Any]) -> str | None:
     return None
 
 
-def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any]
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Request args as recorded: bulky base64 payloads become blob references."""
+def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any],
+                     in_log: Redactor | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Request args as recorded: bulky base64 payloads become blob references.
+
+    With ``in_log`` (the run's redactor; only for a ``write`` that may be log-durable), the
+    content of an op ``write`` of at most ``LOG_CONTENT_MAX`` bytes stays in the line as the
+    agent sent it (``content_b64``), unless redaction would change it: the log must hold the
+    exact bytes that recovery may have to write again. The third value says it did."""
     out: dict[str, Any] = {}
     blobs: dict[str, Any] = {}
+    kept = False
     for k, v in args.items():
         if k in ("content_b64", "stdin_b64") and isinstance(v, str):
             name = k[: -len("_b64")]
@@ -1367,15 +1437,34 @@ def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any]
             except (binascii.Error, ValueError):
                 out[k] = v[:256]
                 continue
+            if (in_log is not None and k == "content_b64" and args.get("op") == "write"
+                    and len(data) <= LOG_CONTENT_MAX and in_log.data(data) == data
+                    and in_log.text(v) == v):
+                out[k] = v
+                kept = True
+                continue
             blobs[f"{name}_blob"] = ctx.recorder.put_blob(data)
             out[f"{name}_bytes"] = len(data)
         else:
             out[k] = _jsonable(v)
     if len(canonical_json(out)) > INLINE_ARGS_MAX:
+        if kept:  # too big with the content in it after all: the content goes to a blob
+            return _recordable_args(ctx, call, args)
         # An agent controls the size of its arguments; big ones go to a blob, not the log line.
         blobs["args_blob"] = ctx.recorder.put_blob(canonical_json(out))
         out = {"inline": False}
-    return out, blobs
+    return out, blobs, kept
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """``syncfs(2)``: everything written to the file system holding ``fd`` reaches the disk
+    (errors are reported since Linux 5.8)."""
+    if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _jsonable(v: Any) -> Any:

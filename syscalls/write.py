@@ -24,6 +24,13 @@ Why this is safe
   is ``fsync``'ed, renamed over the target (``RENAME_NOREPLACE`` for ``create``), and the
   directory is ``fsync``'ed: after a crash a file is entirely old or entirely new. ``append``
   never writes into the old inode: it builds the new content in a temp file too.
+* Log-durable writes. For a ``write`` whose content is held by its own request line (see
+  ``docs/runs-format.md``, "Write-ahead"), the decision line's ``fdatasync`` is what makes the
+  change durable: ``perform(..., durable=False)`` still replaces the file atomically (a
+  ``RENAME_EXCHANGE`` of a fresh temp file with the old one, then the old one is unlinked) but
+  syncs nothing; the kernel syncs the workspace's file system at checkpoints and
+  ``kernel recover`` re-applies every such write after the last checkpoint with
+  :func:`apply_logged` (fsync'ed, as above).
 * Never blocks. Existing content is read only after ``fstat`` shows a regular file, through a
   descriptor opened ``O_NONBLOCK``, so a FIFO cannot hang the kernel.
 """
@@ -67,6 +74,7 @@ DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 TMP_PREFIX = ".kernel-tmp-"
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -271,8 +279,9 @@ def _read_existing(dirfd: int, name: str, rel: str, expect_size: int) -> bytes:
         return data
 
 
-def _write_tmp(dirfd: int, content: bytes, mode: int, owner: tuple[int, int] | None) -> str:
-    """A fully written, fsync'ed temp file in ``dirfd``; returns its name."""
+def _write_tmp(dirfd: int, content: bytes, mode: int, owner: tuple[int, int] | None,
+               durable: bool = True) -> str:
+    """A fully written temp file in ``dirfd`` (fsync'ed when ``durable``); returns its name."""
     for _ in range(16):
         name = TMP_PREFIX + secrets.token_hex(8)
         try:
@@ -289,7 +298,8 @@ def _write_tmp(dirfd: int, content: bytes, mode: int, owner: tuple[int, int] | N
             os.fchmod(fd, mode)
             # Content, size, mode and owner reach the disk before the rename makes the file
             # visible; the directory is fsync'ed after the rename.
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quiet(dirfd, name)
@@ -314,7 +324,7 @@ def _owner_for_new(dirfd: int) -> tuple[int, int] | None:
 
 
 def _put(dirfd: int, name: str, rel: str, content: bytes, mode: int | None,
-         op: str) -> dict[str, Any]:
+         op: str, durable: bool = True) -> dict[str, Any]:
     old = _lstat(dirfd, name)
     if old is not None and op == "create":
         raise FileExistsError(errno.EEXIST, "already exists")
@@ -329,17 +339,37 @@ def _put(dirfd: int, name: str, rel: str, content: bytes, mode: int | None,
     else:
         new_mode = DEFAULT_FILE_MODE if mode is None else mode
         owner = _owner_for_new(dirfd)
-    tmp = _write_tmp(dirfd, content, new_mode, owner)
+    tmp = _write_tmp(dirfd, content, new_mode, owner, durable)
     failpoints.hit("ws.tmp_written")
     try:
-        renameat2(dirfd, tmp, dirfd, name, RENAME_NOREPLACE if op == "create" else 0)
+        if old is not None and not durable:
+            _exchange(dirfd, tmp, name, rel)
+        else:
+            renameat2(dirfd, tmp, dirfd, name, RENAME_NOREPLACE if op == "create" else 0)
     except BaseException:
         _unlink_quiet(dirfd, tmp)
         raise
     failpoints.hit("ws.renamed")
-    os.fsync(dirfd)
+    if durable:
+        os.fsync(dirfd)
     return {"op": op, "path": rel, "digest": "sha256:" + hashlib.sha256(content).hexdigest(),
             "size": len(content)}
+
+
+def _exchange(dirfd: int, tmp: str, name: str, rel: str) -> None:
+    """Swap the new temp file in for the old file ``name`` and unlink the old one.
+
+    Readers see the old or the new file, never a mix, as with a rename over it; unlike a rename
+    over an existing file, an exchange does not make ext4 start writing the new data at once
+    (its replace-by-rename heuristic), which for a log-durable write is wasted work. Whatever
+    was swapped out must still be the regular, singly-linked file checked before; anything else
+    (swapped in since) is swapped back and the write fails, touching nothing."""
+    renameat2(dirfd, tmp, dirfd, name, RENAME_EXCHANGE)
+    st = _lstat(dirfd, tmp)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        renameat2(dirfd, tmp, dirfd, name, RENAME_EXCHANGE)
+        raise OSError(errno.EAGAIN, f"{rel}: changed while it was written; ask again")
+    os.unlink(tmp, dir_fd=dirfd)
 
 
 def _delete(dirfd: int, name: str, rel: str) -> dict[str, Any]:
@@ -434,8 +464,12 @@ def _chmod(dirfd: int, name: str, rel: str, mode: int) -> dict[str, Any]:
     return {"op": "chmod", "path": rel, "mode": mode}
 
 
-def perform(g: Grant, ws: Workspace, content: bytes) -> dict[str, Any]:
+def perform(g: Grant, ws: Workspace, content: bytes, *, durable: bool = True
+            ) -> dict[str, Any]:
     """Apply a granted write request; raises ``OSError`` for failures found while applying.
+
+    ``durable=False`` only for an op ``write`` whose content the log already holds durably
+    (the kernel's write-ahead path): the change is atomic but not synced.
 
     The error's ``strerror`` says what went wrong without repeating the path (the caller
     prefixes it) and never names the kernel's temp files.
@@ -443,8 +477,10 @@ def perform(g: Grant, ws: Workspace, content: bytes) -> dict[str, Any]:
     req = g.request
     if not isinstance(req, WriteRequest):
         raise TypeError("perform() needs a Grant for a WriteRequest")
+    if not durable and req.op != "write":
+        raise ValueError(f"only op 'write' is log-durable, not {req.op!r}")
     try:
-        return _perform(req, ws, content)
+        return _perform(req, ws, content, durable)
     except OSError as e:
         code = e.errno or errno.EIO
         msg = str(e.strerror or os.strerror(code))
@@ -456,7 +492,8 @@ def perform(g: Grant, ws: Workspace, content: bytes) -> dict[str, Any]:
         raise OSError(code, msg) from None
 
 
-def _perform(req: WriteRequest, ws: Workspace, content: bytes) -> dict[str, Any]:
+def _perform(req: WriteRequest, ws: Workspace, content: bytes, durable: bool = True
+             ) -> dict[str, Any]:
     rel = req.target.rel
     if rel == "" or (req.dest is not None and req.dest.rel == ""):  # check_write refuses these
         raise OSError(errno.EPERM, "the workspace root itself cannot be changed")
@@ -469,7 +506,7 @@ def _perform(req: WriteRequest, ws: Workspace, content: bytes) -> dict[str, Any]
     dirfd, name = ws.open_parent(rel)
     with _fd(dirfd):
         if req.op in ("write", "create"):
-            return _put(dirfd, name, rel, content, req.mode, req.op)
+            return _put(dirfd, name, rel, content, req.mode, req.op, durable)
         if req.op == "append":
             old = _lstat(dirfd, name)
             prefix = b""
@@ -493,4 +530,44 @@ def _perform(req: WriteRequest, ws: Workspace, content: bytes) -> dict[str, Any]
     raise OSError(errno.EINVAL, f"unknown write op {req.op!r}")
 
 
-__all__ = ["perform", "prepare", "prepare_captured"]
+def changed_after(ws: Workspace, rel: str, ns: int) -> bool:
+    """Whether ``rel`` (or, if it does not exist, its directory) was modified after ``ns``."""
+    try:
+        dirfd, name = ws.open_parent(rel)
+    except OSError:
+        return False
+    with _fd(dirfd):
+        old = _lstat(dirfd, name)
+        seen = old if old is not None else os.fstat(dirfd)
+        return seen.st_mtime_ns > ns
+
+
+def apply_logged(ws: Workspace, rel: str, content: bytes, mode: int | None) -> str:
+    """Re-apply a log-durable ``write`` after a crash (``kernel recover``), durably.
+
+    For a write the log records as decided ``allowed`` with its content, after the last
+    workspace checkpoint: the file may hold the new content, the old one, or (after a power
+    cut) neither. Returns ``present`` when it already holds exactly ``content`` (it is only
+    fsync'ed), else ``applied`` after the same atomic, fsync'ed replacement as ``perform``.
+    Raises ``OSError`` like ``perform``."""
+    dirfd, name = ws.open_parent(rel)
+    with _fd(dirfd):
+        old = _lstat(dirfd, name)
+        if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == len(content) and (
+                mode is None or stat.S_IMODE(old.st_mode) == mode):
+            try:
+                same = _read_existing(dirfd, name, rel, len(content)) == content
+            except OSError:
+                same = False
+            if same:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dirfd)
+                with _fd(fd):
+                    os.fsync(fd)  # present, perhaps only in the page cache until now
+                os.fsync(dirfd)
+                return "present"
+        _put(dirfd, name, rel, content, mode, "write")
+        return "applied"
+
+
+__all__ = ["apply_logged", "changed_after", "perform", "prepare", "prepare_captured"]

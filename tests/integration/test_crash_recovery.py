@@ -140,6 +140,7 @@ def _native() -> None:
     ("log.after_write", 10), ("log.after_write", 20),
     ("log.after_sync", 11), ("log.after_sync", 22),
     ("ws.tmp_written", 4), ("ws.renamed", 7),
+    ("ws.log_durable_applied", 5), ("ws.checkpoint.synced", 1), ("ws.checkpoint.synced", 3),
     ("answer.before_send", 5), ("answer.before_send", 9),
 ])
 def test_kernel_killed_at_a_failpoint_is_recovered(tmp_path: Path, point: str,

@@ -4,6 +4,9 @@ The kernel writes a request's line without its own fdatasync and lets the decisi
 cover both lines (one sync instead of two). These tests pin what must never regress with that:
 no answer reaches the agent while any record is not yet durable, no workspace effect happens
 before its decision is durable, and every request line is durable before its decision returns.
+The one exception is write-ahead (kernel/dispatch.py): a log-durable write is committed by its
+decision line, which follows the request line holding its content; its own result line may
+still be pending when the agent is answered, and nothing else may be.
 """
 
 from __future__ import annotations
@@ -89,8 +92,21 @@ def test_no_answer_and_no_effect_before_the_records_are_durable(
 
     answers = [t for t in trace if t[0] == "answer"]
     assert len(answers) == 9
-    # 1. every answer: nothing appended is still waiting for its fdatasync
-    assert all(unsynced == 0 for _, unsynced in answers), answers
+    # 1. every answer: nothing appended is still waiting for its fdatasync, except the result
+    #    line of a log-durable write, right after its decision (synced, holding the content)
+    last_lines: list[bytes] = []
+    late = 0
+    for what, data in trace:
+        if what == "log":
+            last_lines.append(data)
+        elif what == "answer" and data != 0:
+            assert data == 1, trace
+            result, decision, request = last_lines[-1], last_lines[-2], last_lines[-3]
+            assert b'"type":"syscall.result"' in result and b'"ok":true' in result
+            assert b'"type":"syscall.decision"' in decision and b'"durable":"log"' in decision
+            assert b'"content_b64":' in request
+            late += 1
+    assert late == 4, answers  # the four writes; info and the denial: all synced
     # 2. every workspace effect: its request and decision lines are already durable
     effects = [t for t in trace if t[0] == "effect"]
     assert len(effects) == 4
