@@ -89,6 +89,7 @@ INLINE_ARGS_MAX = 64 * 1024
 """Request arguments larger than this (canonical JSON) are recorded as a blob."""
 LOG_CONTENT_MAX = 32 * 1024
 """Largest content a ``write`` may carry in its request line (write-ahead, see dispatch)."""
+LOG_B64_MAX = (LOG_CONTENT_MAX + 2) // 3 * 4
 CHECKPOINT_WRITES = 256
 """Log-durable writes after which the workspace is synced (bounds what recovery re-applies)."""
 CHECKPOINT_S = 1.0
@@ -1432,6 +1433,11 @@ def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any],
     for k, v in args.items():
         if k in ("content_b64", "stdin_b64") and isinstance(v, str):
             name = k[: -len("_b64")]
+            if (in_log is not None and not in_log.values and k == "content_b64"
+                    and args.get("op") == "write" and len(v) <= LOG_B64_MAX):
+                out[k] = v  # no secret to redact: kept as sent (prepare checks the base64)
+                kept = True
+                continue
             try:
                 data = base64.b64decode(v, validate=True)
             except (binascii.Error, ValueError):
