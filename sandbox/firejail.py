@@ -500,9 +500,19 @@ class _SockFprog(ctypes.Structure):
 @cache
 def extra_filter() -> bytes:
     """BPF: ioctl TIOCSTI/TIOCLINUX → EPERM (low 32 bits), io_uring → ENOSYS, foreign arch →
-    kill. Compiled once with libseccomp; loaded raw in the launcher."""
-    import pyseccomp as sc
+    kill. Compiled once with libseccomp (or taken from the boot's cache of compiled programs,
+    :func:`sandbox.seccomp_filter.compile_cached`); loaded raw in the launcher."""
+    from sandbox import seccomp_filter
 
+    return seccomp_filter.compile_cached("firejail-extra", _compile_extra_filter,
+                                         (__file__,))[0]
+
+
+def _compile_extra_filter() -> tuple[bytes, tuple[str, ...]]:
+    """Compile :func:`extra_filter`'s program with libseccomp (no cache)."""
+    from sandbox import seccomp_filter
+
+    sc = seccomp_filter._import_pyseccomp()
     f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
@@ -515,7 +525,7 @@ def extra_filter() -> bytes:
         bpf = out.read()
     if not bpf or len(bpf) % 8:
         raise SandboxError("firejail backend: libseccomp exported an empty BPF program")
-    return bpf
+    return bpf, ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,6 +721,9 @@ class FirejailBackend:
             try:
                 facts["seccomp_extra_digest"] = "sha256:" + hashlib.sha256(
                     extra_filter()).hexdigest()
+                from sandbox import seccomp_filter
+
+                facts["seccomp_extra_program"] = seccomp_filter.origin("firejail-extra")
             except (OSError, ImportError) as e:
                 missing.append(f"cannot compile the extra seccomp filter: {e}")
         if not missing:

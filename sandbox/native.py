@@ -582,6 +582,7 @@ class NativeBackend:
             missing.append("the kernel lacks mount_setattr(2) (Linux 5.12 or newer is needed)")
         try:
             facts["seccomp_digest"] = seccomp_filter.digest()
+            facts["seccomp_program"] = seccomp_filter.origin()
         except Exception as e:
             missing.append(f"pyseccomp/libseccomp unusable: {e}")
         if prctl is None:

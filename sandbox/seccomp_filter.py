@@ -24,11 +24,20 @@ What it stops (each line is a rule below):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
+import json
+import os
+import platform
+import stat
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 PR_SET_SECCOMP = 22
@@ -121,8 +130,169 @@ def _import_pyseccomp() -> Any:
     return pyseccomp
 
 
+# --------------------------------------------------------------------------------------------
+# Compiled programs, cached per boot
+#
+# Compiling a filter means importing pyseccomp and running libseccomp (about 8 ms of every
+# `kernel exec`). A compiled program is kept in the kernel home, keyed by everything the bytes
+# depend on: the boot, the kernel release (libseccomp asks the running kernel which actions it
+# supports), the machine and Python, the libseccomp file the dynamic loader maps (path, device,
+# inode, size, mtime, ctime, mode, owner), the source of pyseccomp, of this module and of the
+# module that defines the rules. Any change to any of those, or a new boot, compiles again; a
+# failed or invalid compilation is never cached. As the firejail probe's cache: used only by
+# root, in a directory of mode 0700 owned by root, never through a symbolic link, and ignored
+# when its permissions are wrong; the program's SHA-256 is stored beside it and checked.
+
+LIBSECCOMP = "libseccomp.so.2"
+PROGRAM_CACHE = "cache/seccomp-{name}.json"
+
+_origins: dict[str, str] = {}
+
+
+def origin(name: str = "native") -> str:
+    """How this process got the program ``name``: compiled now, or from the boot's cache."""
+    return _origins.get(name, "not compiled yet")
+
+
+def _file_identity(path: str) -> str:
+    st = os.stat(path)
+    return (f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+            f"{st.st_mode}:{st.st_uid}")
+
+
+def _libseccomp_file() -> str | None:
+    """The libseccomp file the dynamic loader maps for ``libseccomp.so.2``, or None."""
+    try:
+        ctypes.CDLL(LIBSECCOMP)
+    except OSError:
+        return None  # pyseccomp would search with ldconfig: not cached
+    found: set[str] = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libseccomp."):
+                found.add(parts[5].strip())
+    if len(found) != 1:
+        return None
+    (path,) = found
+    return path if path.startswith("/") and not path.endswith(" (deleted)") else None
+
+
+def cache_key(name: str, sources: Sequence[str]) -> str | None:
+    """The cache key of the program ``name`` built by rules in ``sources``; None: no caching."""
+    import importlib.util
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        lib = _libseccomp_file()
+        spec = importlib.util.find_spec("pyseccomp")
+        if lib is None or not boot or spec is None or not spec.origin:
+            return None
+        parts = [name, boot, platform.release(), platform.machine(), sys.version,
+                 _file_identity(lib), _file_identity(spec.origin)]
+        for path in (spec.origin, __file__, *sources):
+            with open(path, "rb") as src:
+                parts.append(f"{path}:{hashlib.sha256(src.read()).hexdigest()}")
+    except (OSError, ValueError, ImportError):
+        return None
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _cache_path(name: str) -> Path | None:
+    from kernel.keys import kernel_home
+
+    if os.geteuid() != 0:
+        return None
+    return kernel_home() / PROGRAM_CACHE.format(name=name)
+
+
+def _valid(bpf: bytes) -> bool:
+    return bool(bpf) and len(bpf) % 8 == 0
+
+
+def cache_get(name: str, key: str) -> tuple[bytes, tuple[str, ...], str] | None:
+    """(program, names, when compiled) stored under ``key``, or None."""
+    path = _cache_path(name)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        dst = os.stat(path.parent, follow_symlinks=False)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.geteuid()
+                or dst.st_mode & 0o077 or st.st_size > 1 << 20):
+            return None
+        raw = os.read(fd, st.st_size + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("key") != key:
+            return None
+        bpf = bytes.fromhex(d["bpf"])
+        names = d["names"]
+        when = d["compiled_at"]
+        if (not _valid(bpf) or d.get("sha256") != hashlib.sha256(bpf).hexdigest()
+                or not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                or not isinstance(when, str)):
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return bpf, tuple(names), when
+
+
+def cache_put(name: str, key: str, bpf: bytes, names: Sequence[str]) -> None:
+    path = _cache_path(name)
+    if path is None or not _valid(bpf):
+        return
+    text = json.dumps({"key": key, "bpf": bpf.hex(), "sha256": hashlib.sha256(bpf).hexdigest(),
+                       "names": list(names),
+                       "compiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+def compile_cached(name: str, build: Callable[[], tuple[bytes, tuple[str, ...]]],
+                   sources: Sequence[str]) -> tuple[bytes, tuple[str, ...]]:
+    """``build()``'s (program, names), from the boot's cache when the key matches."""
+    key = cache_key(name, sources)
+    if key is not None:
+        hit = cache_get(name, key)
+        if hit is not None:
+            _origins[name] = f"cached this boot (compiled at {hit[2]})"
+            return hit[0], hit[1]
+    bpf, names = build()
+    if not _valid(bpf):
+        raise OSError(errno.EINVAL, "libseccomp exported an empty or truncated BPF program")
+    _origins[name] = "compiled"
+    if key is not None:
+        cache_put(name, key, bpf, names)
+    return bpf, names
+
+
 @cache
 def _compiled() -> tuple[bytes, tuple[str, ...]]:
+    return compile_cached("native", compile_native, ())
+
+
+def compile_native() -> tuple[bytes, tuple[str, ...]]:
+    """Compile the native sandbox's program with libseccomp (no cache)."""
     sc = _import_pyseccomp()
 
     f = sc.SyscallFilter(sc.ALLOW)
