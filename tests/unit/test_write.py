@@ -444,3 +444,85 @@ def test_prepare_captured_refuses_unsafe_copies(ws: Workspace, tmp_path: Path) -
     assert rules == {"hl": "path.hardlink", "big": "write.max_file_bytes",
                      "lnk": "path.symlink", "a\nb": "path.bad_bytes",
                      "gone": "path.unreadable"}
+
+
+# ---- write-ahead: unsynced perform, and what recovery re-applies -------------------------------
+
+
+def _perform_unsynced(ws: Workspace, path: str, data: bytes,
+                      mode: int | None = None) -> dict[str, Any]:
+    args: dict[str, Any] = {"op": "write", "path": path, "content_b64": b64(data)}
+    if mode is not None:
+        args["mode"] = mode
+    prep = prepare(args, ws, POLICY)
+    assert not isinstance(prep, Decision), prep
+    req, content = prep
+    d = check_write(req, POLICY, Usage(), 0)
+    return perform(grant(d, req), ws, content, durable=False)
+
+
+def test_unsynced_write_replaces_atomically_and_keeps_mode(ws: Workspace) -> None:
+    root = Path(f"/proc/self/fd/{ws.fd}").resolve()
+    (root / "f.txt").write_bytes(b"old")
+    os.chmod(root / "f.txt", 0o640)
+    ino = (root / "f.txt").stat().st_ino
+    res = _perform_unsynced(ws, "f.txt", b"new content")
+    assert res["size"] == 11 and (root / "f.txt").read_bytes() == b"new content"
+    st = (root / "f.txt").stat()
+    assert st.st_ino != ino and stat.S_IMODE(st.st_mode) == 0o640 and st.st_nlink == 1
+    _perform_unsynced(ws, "g.txt", b"fresh", mode=0o600)  # a new file: a plain rename
+    assert stat.S_IMODE((root / "g.txt").stat().st_mode) == 0o600
+    no_temp_files(root)
+
+
+def test_only_op_write_may_be_unsynced(ws: Workspace) -> None:
+    prep = prepare({"op": "append", "path": "a.txt", "content_b64": b64(b"x")}, ws, POLICY)
+    assert not isinstance(prep, Decision)
+    req, content = prep
+    with pytest.raises(ValueError, match="only op 'write'"):
+        perform(grant(check_write(req, POLICY, Usage(), 0), req), ws, content, durable=False)
+
+
+def test_unsynced_write_refuses_a_swapped_in_directory(ws: Workspace,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the check and the exchange a directory takes the file's place: the exchange is
+    undone and the write fails, leaving the directory where it was."""
+    import syscalls.write as w
+
+    root = Path(f"/proc/self/fd/{ws.fd}").resolve()
+    (root / "f.txt").write_bytes(b"old")
+    real = w.renameat2
+    swapped: list[bool] = []
+
+    def swap_first(olddir: int, old: str, newdir: int, new: str, flags: int = 0) -> None:
+        if flags == w.RENAME_EXCHANGE and not swapped:
+            swapped.append(True)
+            (root / "f.txt").unlink()
+            (root / "f.txt").mkdir()
+        real(olddir, old, newdir, new, flags)
+
+    monkeypatch.setattr(w, "renameat2", swap_first)
+    with pytest.raises(OSError) as e:
+        _perform_unsynced(ws, "f.txt", b"new")
+    assert e.value.errno == errno.EAGAIN
+    assert (root / "f.txt").is_dir()
+    no_temp_files(root)
+
+
+def test_apply_logged_present_applied_and_mode(ws: Workspace) -> None:
+    from syscalls.write import apply_logged, changed_after
+
+    root = Path(f"/proc/self/fd/{ws.fd}").resolve()
+    assert apply_logged(ws, "a.txt", b"A", None) == "applied"
+    assert (root / "a.txt").read_bytes() == b"A"
+    assert apply_logged(ws, "a.txt", b"A", None) == "present"
+    assert apply_logged(ws, "a.txt", b"A", 0o600) == "applied"  # same bytes, other mode
+    assert stat.S_IMODE((root / "a.txt").stat().st_mode) == 0o600
+    (root / "a.txt").write_bytes(b"")  # a power cut kept the name, not the data
+    assert apply_logged(ws, "a.txt", b"A", None) == "applied"
+    assert (root / "a.txt").read_bytes() == b"A"
+    mtime = (root / "a.txt").stat().st_mtime_ns
+    assert changed_after(ws, "a.txt", mtime - 1) and not changed_after(ws, "a.txt", mtime)
+    gone_dir = (root).stat().st_mtime_ns
+    assert changed_after(ws, "missing.txt", gone_dir - 1)  # absent: its directory decides
+    no_temp_files(root)
