@@ -12,11 +12,10 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-from kernel import approval_cli, selftest
+from kernel import approval_cli
 from kernel.errors import ExitCode, KernelError, NotFoundError, UsageError
 
 STATUS_EXIT = {
@@ -36,12 +35,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``kernel`` parser. With ``command="exec"`` only the exec sub-parser is added: a
+    ``kernel exec`` parses exactly as with the whole parser (the first argument selects the
+    sub-parser, which parses the rest), without building the others or importing the
+    self-test's corpus on every run."""
     p = _Parser(prog="kernel", description="Run untrusted agent code in a sandbox whose only "
                 "way to change anything is a small, recorded syscall layer.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
+    _exec_parser(sub)
+    if command == "exec":
+        return p
+    _other_parsers(sub)
+    return p
 
+
+def _exec_parser(sub: Any) -> None:
     e = sub.add_parser("exec", help="run an agent command under a policy",
                        description="Run CMD as the agent, cwd = the workspace, under the policy. "
                        "Exits 0 only when the run passes (docs/cli.md lists every code).")
@@ -68,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--approve-key", metavar="FILE", default=None,
                    help="prompt mode: your reviewer key (default: your only key)")
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
+def _other_parsers(sub: Any) -> None:
+    from kernel import selftest
 
     v = sub.add_parser("verify", help="check a run folder's chain, digests, signatures, seal",
                        description="Exit 0 only if the run folder is intact; 6 if it was never "
@@ -101,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     _evidence_parsers(sub)
     approval_cli.register(sub)
     selftest.register(sub)
-    return p
 
 
 def _evidence_parsers(sub: Any) -> None:
@@ -278,12 +291,14 @@ def _print_recovered(rep: Any) -> None:
 
 
 def _cmd_exec(a: argparse.Namespace) -> int:
-    from kernel import agentenv, gates, policy, supervisor
-    from kernel import task as task_mod
+    # kernel.task and kernel.gates only when there is a gate to run (~5 ms of every run else)
+    from kernel import agentenv, policy, supervisor
 
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     task = None
     if a.task is not None:
+        from kernel import task as task_mod
+
         task = task_mod.load(Path(a.task))
         if cmd:
             raise UsageError("kernel exec: give the agent command in the task file or after "
@@ -298,8 +313,12 @@ def _cmd_exec(a: argparse.Namespace) -> int:
     workspace = Path(a.workspace) if a.workspace else (task.workspace if task else Path("."))
     gated = task is not None
     if task is None and pol.gate.active():  # the policy's gate alone, no verification command
+        from kernel import task as task_mod
+
         task = task_mod.Task(command=tuple(cmd), workspace=workspace, policy=pol.name,
                              gate=task_mod.GateRules(False, False, False, -1, ()))
+    if task is not None:
+        from kernel import gates
     outcome = supervisor.run(supervisor.ExecOptions(
         argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
         isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
@@ -429,6 +448,12 @@ def _cmd_kill(a: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
+def _cmd_selftest(a: argparse.Namespace) -> int:
+    from kernel import selftest
+
+    return selftest.HANDLERS["selftest"](a)
+
+
 def _cmd_key(a: argparse.Namespace) -> int:
     from kernel import keys
 
@@ -445,15 +470,15 @@ def _cmd_key(a: argparse.Namespace) -> int:
 
 COMMANDS = {"exec": _cmd_exec, "verify": _cmd_verify, "key": _cmd_key, "kill": _cmd_kill}
 COMMANDS.update(approval_cli.HANDLERS)
-COMMANDS.update(selftest.HANDLERS)
+COMMANDS["selftest"] = _cmd_selftest
 COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_attest,
                  "show": _cmd_show})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args = sys.argv[1:] if argv is None else argv
     try:
-        a = parser.parse_args(argv)
+        a = build_parser(args[0] if args else None).parse_args(args)
         return COMMANDS[a.command](a)
     except KernelError as e:
         sys.stderr.write(f"kernel: {e.diagnostics()}\n")
@@ -465,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.OK)
     except Exception as e:  # the kernel's own failure: one line, no traceback by default
         if os.environ.get("KERNEL_DEBUG"):
+            import traceback
+
             traceback.print_exc()
         sys.stderr.write(f"kernel: internal error: {type(e).__name__}: {e}\n"
                          "  hint: set KERNEL_DEBUG=1 for a traceback and report it\n")

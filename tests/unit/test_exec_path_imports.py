@@ -2,7 +2,8 @@
 
 These modules cost tens of milliseconds each to import and are not needed to run an agent
 (sqlite_utils: the control plane's reading commands; cryptography's serialization package:
-key formats other than the kernel's own; ctypes.util's ldconfig lookups). A change that pulls
+key formats other than the kernel's own; ctypes.util's ldconfig lookups; the self-test's
+corpus). A change that pulls
 one of them back onto the exec path fails here instead of silently slowing every run.
 """
 
@@ -24,7 +25,9 @@ print(" ".join(sorted(m for m in sys.modules)))
 """
 
 HEAVY = ("sqlite_utils", "click", "pluggy", "dateutil",
-         "cryptography.hazmat.primitives.serialization.ssh")
+         "cryptography.hazmat.primitives.serialization.ssh",
+         # the self-test's attack corpus (only `kernel selftest` needs it)
+         "kernel.selftest", "kernel.corpus")
 
 
 def test_the_exec_path_imports_none_of_the_heavy_modules() -> None:
