@@ -17,10 +17,10 @@ The sandbox's first process joins the groups itself, through descriptors the par
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,7 @@ def wait_prewarm() -> None:
 
 def _mkdirs(base: Path) -> Path:
     base.mkdir(parents=True, exist_ok=True)
-    d = base / uuid.uuid4().hex[:16]
+    d = base / secrets.token_hex(8)  # 64 random bits (uuid4's first 16 hex digits had 60)
     d.mkdir()
     return d
 
