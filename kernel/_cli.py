@@ -476,7 +476,38 @@ COMMANDS.update({"replay": _cmd_replay, "recover": _cmd_recover, "attest": _cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Called with no argv (the ``kernel`` program itself), ``kernel exec``
+    ends the process as soon as its output is flushed: see :func:`_exit_now`."""
     args = sys.argv[1:] if argv is None else argv
+    code = _main(args)
+    if argv is None and args[:1] == ["exec"]:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` without the interpreter's teardown (about 17 ms after a
+    run: every module and object of the exec path freed one by one, for nothing).
+
+    By then the run folder is sealed and fsynced, the index row committed, and every file the
+    kernel opened is closed; what the teardown would still do is run the atexit handlers (run
+    here), flush stdout and stderr (done here) and join other threads (there are none: if one
+    is alive, or a flush fails, the ordinary exit happens instead)."""
+    import atexit
+    import threading
+
+    if threading.active_count() != 1:
+        return
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # AttributeError: stdout/stderr is None
+        return
+    os._exit(code)
+
+
+def _main(args: list[str]) -> int:
     try:
         a = build_parser(args[0] if args else None).parse_args(args)
         return COMMANDS[a.command](a)
