@@ -79,11 +79,21 @@ class RecorderError(KernelError):
     """The recorder was used after seal/close, or a write to the run folder failed."""
 
 
+_last_second: tuple[int, str] = (-1, "")
+"""The whole second :func:`utc_timestamp` formatted last, and its text (most calls share it)."""
+
+
 def utc_timestamp(ns: int | None = None) -> str:
     """RFC 3339 UTC with microseconds: ``2026-01-02T03:04:05.123456Z``."""
+    global _last_second
     ns = time.time_ns() if ns is None else ns
-    t = _dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=_dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(ns // 1000) % 1_000_000:06d}Z"
+    sec = ns // 1_000_000_000
+    cached = _last_second  # one read: another thread may replace it, never half of it
+    if cached[0] != sec:
+        t = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC)
+        cached = (sec, t.strftime("%Y-%m-%dT%H:%M:%S."))
+        _last_second = cached
+    return f"{cached[1]}{(ns // 1000) % 1_000_000:06d}Z"
 
 
 def _parse_ts_ns(ts: str) -> int:
@@ -145,23 +155,26 @@ def _collect_refs(obj: Any, out: list[str]) -> bool:
     valid digests: the caller then runs :func:`iter_blob_refs` for the precise error."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if is_blob_key(k):
-                if v is not None:
-                    if not (isinstance(v, str) and DIGEST_RE.fullmatch(v)):
+            if type(k) is not str or "blob" in k:  # every blob key contains "blob"
+                if is_blob_key(k):
+                    if v is not None:
+                        if not (isinstance(v, str) and DIGEST_RE.fullmatch(v)):
+                            return False
+                        out.append(v)
+                    continue
+                if is_blob_list_key(k):
+                    if not isinstance(v, list):
                         return False
-                    out.append(v)
-            elif is_blob_list_key(k):
-                if not isinstance(v, list):
-                    return False
-                for d in v:
-                    if not (isinstance(d, str) and DIGEST_RE.fullmatch(d)):
-                        return False
-                    out.append(d)
-            elif isinstance(v, dict | list) and not _collect_refs(v, out):
+                    for d in v:
+                        if not (isinstance(d, str) and DIGEST_RE.fullmatch(d)):
+                            return False
+                        out.append(d)
+                    continue
+            if isinstance(v, (dict, list)) and not _collect_refs(v, out):
                 return False
     elif isinstance(obj, list):
         for v in obj:
-            if isinstance(v, dict | list) and not _collect_refs(v, out):
+            if isinstance(v, (dict, list)) and not _collect_refs(v, out):
                 return False
     return True
 
@@ -352,6 +365,7 @@ class RunRecorder:
         self._state = "open"  # open | sealed | closed | failed
         self._failure: str | None = None
         self._unsynced = 0  # lines appended with sync=False and not fdatasync'd since
+        self._shards: dict[str, Path] = {}  # blob shard dirs known to exist durably
 
     # ---- creation ----
 
@@ -497,9 +511,12 @@ class RunRecorder:
             if digest in self._blobs:
                 return digest
             h = digest[7:]
-            shard = self.run_dir / OBJECTS_DIR / h[:2]
+            shard = self._shards.get(h[:2])
             try:
-                _mkdir_durable(shard)
+                if shard is None:
+                    shard = self.run_dir / OBJECTS_DIR / h[:2]
+                    _mkdir_durable(shard)
+                    self._shards[h[:2]] = shard
                 publish(shard, h[2:], data)
             except OSError as e:
                 raise self._fail(f"storing blob {digest}", e) from e
