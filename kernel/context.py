@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from sandbox.base import Backend
 
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+
+
 @dataclass
 class Ledger:
     """The quota ledger of one run. Only the supervisor and handlers debit it, after effects.
@@ -41,7 +44,7 @@ class Ledger:
         return self.tree.effective_usage(self.node, self.quotas)
 
     def debit(self, **amounts: int) -> None:
-        cur = dataclasses.asdict(self.own)
+        cur = {name: getattr(self.own, name) for name in _USAGE_FIELDS}  # asdict, no deep copy
         for k, v in amounts.items():
             cur[k] += v
         self.own = Usage(**cur)

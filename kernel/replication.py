@@ -198,8 +198,11 @@ class _Node:
     last_spawn_ns: int | None = None
 
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+
+
 def _add(a: Usage, amounts: Mapping[str, int]) -> Usage:
-    cur = dataclasses.asdict(a)
+    cur = {name: getattr(a, name) for name in _USAGE_FIELDS}  # asdict without its deep copy
     for k, v in amounts.items():
         cur[k] += v
     return Usage(**cur)
@@ -227,10 +230,11 @@ class TreeLedger:
 
     def remainder(self, run_id: str) -> Usage:
         """The least room left on every budget from ``run_id`` up to the root."""
+        chain = self.chain(run_id)
         room = {}
         for name in BUDGET_FIELDS:
             room[name] = max(0, min(getattr(n.budget, name) - getattr(n.used, name)
-                                    for n in self.chain(run_id)))
+                                    for n in chain))
         return Usage(**room)
 
     def effective_usage(self, run_id: str, quotas: Usage) -> Usage:
