@@ -57,25 +57,34 @@ class FrameError(ValueError):
     """A frame that cannot be decoded: the message says why."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""What ``json.dumps`` with these options builds on every call, built once."""
+
+
 def encode_frame(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    data = body.encode("utf-8")
+    data = _ENCODER.encode(obj).encode("utf-8")
     if len(data) > MAX_FRAME:
         raise FrameError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(data)) + data
 
 
-def _no_duplicates(pairs: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise FrameError(f"duplicate key {k!r}")
-        out[k] = v
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # some key came twice: name the first one that did
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise FrameError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
 def _no_constants(name: str) -> Any:
     raise FrameError(f"non-finite number {name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+"""What ``json.loads`` with these hooks builds on every call, built once."""
 
 
 def decode_body(data: bytes) -> dict[str, Any]:
@@ -85,7 +94,9 @@ def decode_body(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise FrameError(f"frame is not UTF-8 (byte {e.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
     except FrameError:
         raise
     except (ValueError, RecursionError) as e:

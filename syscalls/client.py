@@ -84,6 +84,7 @@ class Kernel:
 
     def __init__(self, sock: socket.socket, *, manifest: str | None = None) -> None:
         self._sock = sock
+        self._rbuf = bytearray()  # bytes received and not yet consumed
         self._next_id = 1
         self._manifest = manifest
         self._register_pending = manifest is not None
@@ -109,13 +110,17 @@ class Kernel:
     # -- transport ---------------------------------------------------------------------------
 
     def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
+        # Reads ahead (a response's header and body usually arrive in one recv); what is read
+        # beyond ``n`` stays in the buffer for the next call.
+        buf = self._rbuf
         while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
+            chunk = self._sock.recv(max(n - len(buf), 65536))
             if not chunk:
                 raise ChannelError("the kernel closed the syscall channel")
             buf += chunk
-        return bytes(buf)
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
 
     def call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return its result; raise SyscallError on a denial.
