@@ -9,6 +9,7 @@ internal error).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -292,7 +293,14 @@ def _print_recovered(rep: Any) -> None:
 
 def _cmd_exec(a: argparse.Namespace) -> int:
     # kernel.task and kernel.gates only when there is a gate to run (~5 ms of every run else)
-    from kernel import agentenv, policy, supervisor
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # importing only allocates (classes, functions, tables): ~5 ms of collections
+    try:
+        from kernel import agentenv, policy, supervisor
+    finally:
+        gc.freeze()  # what the imports made lives as long as the process: never scanned again
+        if gc_was_enabled:
+            gc.enable()
 
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     task = None
