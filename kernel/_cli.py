@@ -9,6 +9,7 @@ internal error).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -327,12 +328,19 @@ def _cmd_exec(a: argparse.Namespace) -> int:
                              gate=task_mod.GateRules(False, False, False, -1, ()))
     if task is not None:
         from kernel import gates
-    outcome = supervisor.run(supervisor.ExecOptions(
-        argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
-        isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
-        **approval_cli.exec_options(a),
-        after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task, status))
-        if task is not None else None))
+    approve = approval_cli.exec_options(a)
+    try:
+        outcome = supervisor.run(supervisor.ExecOptions(
+            argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
+            isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
+            **approve,
+            after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task, status))
+            if task is not None else None))
+    finally:  # the prompt's terminal: nothing of it may wait in a buffer (see _exit_now)
+        tty = approve.get("tty_out")
+        if tty is not None and tty not in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                tty.flush()
     if a.json:
         sys.stdout.write(json.dumps(outcome.to_json(), sort_keys=True) + "\n")
     else:
@@ -497,10 +505,11 @@ def _exit_now(code: int) -> None:
     """End the process with ``code`` without the interpreter's teardown (about 17 ms after a
     run: every module and object of the exec path freed one by one, for nothing).
 
-    By then the run folder is sealed and fsynced, the index row committed, and every file the
-    kernel opened is closed; what the teardown would still do is run the atexit handlers (run
-    here), flush stdout and stderr (done here) and join other threads (there are none: if one
-    is alive, or a flush fails, the ordinary exit happens instead)."""
+    By then the run folder is sealed and fsynced, the index row committed, every file the
+    kernel opened is closed and the prompt's terminal flushed (:func:`_cmd_exec`); what the
+    teardown would still do is run the atexit handlers (run here), flush stdout and stderr
+    (done here) and join other threads (there are none: if one is alive, or a flush fails,
+    the ordinary exit happens instead)."""
     import atexit
     import threading
 

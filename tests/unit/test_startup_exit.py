@@ -112,3 +112,25 @@ def test_a_whole_run_still_delivers_all_output_and_a_sealed_intact_folder(
     v = subprocess.run([sys.executable, "-m", "kernel._cli", "verify", str(run_dir)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert v.returncode == 0 and ": intact" in v.stdout, v.stdout + v.stderr
+
+
+def test_the_prompt_terminal_is_flushed_when_the_run_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernel import approval_cli, supervisor
+
+    path = tmp_path / "tty"
+    tty = open(path, "w+")  # fully buffered, as an opened /dev/tty may hold text
+    monkeypatch.setattr(approval_cli, "exec_options",
+                        lambda a: {"approve": "prompt", "tty_in": tty, "tty_out": tty})
+
+    def fake_run(opts: object) -> None:
+        tty.write("approved 1 of 1")  # no newline: stays in the buffer
+        raise _Exited(0)
+
+    monkeypatch.setattr(supervisor, "run", fake_run)
+    try:
+        with pytest.raises(_Exited):
+            _cli._cmd_exec(_cli.build_parser("exec").parse_args(["exec", "--", "/bin/true"]))
+        assert path.read_text() == "approved 1 of 1"
+    finally:
+        tty.close()
