@@ -168,7 +168,7 @@ def bench_exec(runs: int) -> None:
         argv = e.exec_argv(name, PY, "-c", "pass")
         contenders[f"kernel exec ({name})"] = (lambda a=argv: _timed(a, e.env))
         if BASELINE is not None:
-            benv = dict(e.env, PYTHONPATH=str(BASELINE))
+            benv = dict(e.env, PYTHONPATH=str(BASELINE), KERNEL_HOME=str(e.tmp / "home-baseline"))
             bargv = e.exec_argv(name, PY, "-c", "pass", baseline=True)
             contenders[f"kernel exec ({name}), baseline"] = (
                 lambda a=bargv, b=benv: _timed(a, b))
@@ -265,7 +265,7 @@ def bench_writes(n: int, rounds: int) -> None:
             return float(r["total"]), list(r["lat"])
         contenders[f"kernel write ({name})"] = gated
         if BASELINE is not None:
-            benv = dict(e.env, PYTHONPATH=str(BASELINE))
+            benv = dict(e.env, PYTHONPATH=str(BASELINE), KERNEL_HOME=str(e.tmp / "home-baseline"))
             contenders[f"kernel write ({name}), baseline"] = (
                 lambda name=name, benv=benv: gated(name, benv))
     rates: dict[str, list[float]] = {k: [] for k in contenders}

@@ -10,6 +10,7 @@ and every decision can be bound to their digest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 import sys
@@ -283,9 +284,9 @@ class Policy:
     source: str = field(default="", metadata={"internal": True})
     raw: bytes = field(default=b"", metadata={"internal": True}, repr=False)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """``sha256:<hex>`` of the exact profile bytes."""
+        """``sha256:<hex>`` of the exact profile bytes (computed once: read per decision)."""
         return "sha256:" + hashlib.sha256(self.raw).hexdigest()
 
     def trusted_reviewers(self) -> tuple[Reviewer, ...]:

@@ -55,7 +55,6 @@ from kernel import (
     failpoints,
     keys,
     killswitch,
-    lineage,
     manifest,
     replication,
     snapshot,
@@ -1178,6 +1177,8 @@ class Supervisor:
 
     def _spawn(self, a: Agent, rid: int, args: dict[str, Any], request_digest: str,
                now_ns: int) -> dict[str, Any]:
+        from kernel import lineage  # only a tree needs it: not on every run's import path
+
         tree, root, key, policy = self.tree, self.root, self.key, self._policy
         assert tree is not None and root is not None and key is not None and policy is not None
         argv: list[str] = list(args["argv"])
@@ -1296,6 +1297,8 @@ class Supervisor:
 
     def _register(self, a: Agent, rid: int, args: dict[str, Any], request_digest: str,
                   now_ns: int) -> dict[str, Any]:
+        from kernel import lineage
+
         key = self.key
         assert key is not None
         token = args["manifest"]
