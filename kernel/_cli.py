@@ -140,8 +140,11 @@ def _evidence_parsers(sub: Any) -> None:
     c = sub.add_parser("recover", help="seal a run cut short (kernel killed) as aborted",
                        description="Seal a run folder that verifies as incomplete: a torn last "
                        "line is kept as evidence, stray workspace temp files are removed and "
-                       "recorded, the final workspace is recorded, then run.end (aborted) and "
-                       "the seal. Needs this host's kernel key (the one that started the run).")
+                       "recorded, committed (log-durable) writes after the last workspace sync "
+                       "are re-applied from the log, the final workspace is recorded, then "
+                       "run.end (aborted) and the seal. In an agent tree, the folder's unsealed "
+                       "descendants are recovered first, deepest first. Needs this host's "
+                       "kernel key (the one that started the run).")
     c.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a run id under ./runs)")
     c.add_argument("--workspace", metavar="DIR", default=None,
                    help="the run's workspace (default: the one recorded in run.json)")
@@ -290,6 +293,8 @@ def _print_recovered(rep: Any) -> None:
                              "has no recorded result (the final tree shows its effect)\n")
     for s in rep.stray_removed:
         sys.stdout.write(f"  removed stray temp file {s} (kept as a blob)\n")
+    for d in rep.redone:
+        sys.stdout.write(f"  committed write of {d['path']} (seq {d['seq']}): {d['outcome']}\n")
 
 
 def _cmd_exec(a: argparse.Namespace) -> int:
