@@ -44,6 +44,9 @@ def _args_summary(call: str | None, body: dict[str, Any]) -> str:
             s += f" -> {a.get('dest')!r}"
         if "content_bytes" in a:
             s += f" ({a['content_bytes']} bytes)"
+        elif isinstance(a.get("content_b64"), str):  # held by the line itself (write-ahead)
+            b64 = a["content_b64"]
+            s += f" ({len(b64) * 3 // 4 - b64[-2:].count('=')} bytes, in the log)"
         if "mode" in a:
             s += f" mode {a['mode']:o}" if isinstance(a["mode"], int) else ""
         return s
@@ -273,7 +276,10 @@ def _event_summary(t: str, b: dict[str, Any]) -> str:
         return f"torn last line kept as evidence ({b.get('length')} bytes)"
     if t == "run.recovered":
         return (f"recovered after a crash: {len(b.get('unfinished') or [])} unfinished, "
-                f"{len(b.get('stray_tmp') or [])} stray temp file(s) removed")
+                f"{len(b.get('stray_tmp') or [])} stray temp file(s) removed, "
+                f"{len(b.get('redone') or [])} committed write(s) re-applied")
+    if t == "workspace.synced":
+        return f"workspace synced to disk ({b.get('writes')} log-durable writes)"
     keys = ", ".join(f"{k}={v}" for k, v in sorted(b.items())
                      if isinstance(v, str | int | bool) and not k.endswith("_blob"))
     return keys[:160]
