@@ -106,7 +106,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel.errors import SandboxError
-from sandbox import cgroups
+from sandbox import cgroups, hostcache
 from sandbox.base import Availability, SandboxSpec
 
 AGENT_UID = 64000
@@ -237,20 +237,10 @@ def _smoke_cache_get(key: str) -> str | None:
     path = _smoke_cache_path()
     if path is None:
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    raw = hostcache.read_private(path, 4096)
+    if raw is None:
         return None
-    try:
-        st = os.fstat(fd)
-        dst = os.stat(path.parent, follow_symlinks=False)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
-                or not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.geteuid()
-                or dst.st_mode & 0o077):
-            return None
-        text = os.read(fd, 4096).decode(errors="replace").split()
-    finally:
-        os.close(fd)
+    text = raw.decode(errors="replace").split()
     if len(text) == 2 and text[0] == key:
         return text[1]
     return None
@@ -260,18 +250,8 @@ def _smoke_cache_put(key: str) -> None:
     path = _smoke_cache_path()
     if path is None:
         return
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.write(fd, f"{key} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
-                     .encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+    hostcache.write_private(
+        path, f"{key} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,14 +24,12 @@ What it stops (each line is a rule below):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import hashlib
 import json
 import os
 import platform
-import stat
 import sys
 import tempfile
 import time
@@ -39,6 +37,8 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from sandbox import hostcache
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -216,22 +216,9 @@ def cache_get(name: str, key: str) -> tuple[bytes, tuple[str, ...], str] | None:
     path = _cache_path(name)
     if path is None:
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    raw = hostcache.read_private(path, 1 << 20)
+    if raw is None:
         return None
-    try:
-        st = os.fstat(fd)
-        dst = os.stat(path.parent, follow_symlinks=False)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
-                or not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.geteuid()
-                or dst.st_mode & 0o077 or st.st_size > 1 << 20):
-            return None
-        raw = os.read(fd, st.st_size + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     try:
         d = json.loads(raw)
         if not isinstance(d, dict) or d.get("key") != key:
@@ -255,17 +242,7 @@ def cache_put(name: str, key: str, bpf: bytes, names: Sequence[str]) -> None:
     text = json.dumps({"key": key, "bpf": bpf.hex(), "sha256": hashlib.sha256(bpf).hexdigest(),
                        "names": list(names),
                        "compiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+    hostcache.write_private(path, text.encode())
 
 
 def compile_cached(name: str, build: Callable[[], tuple[bytes, tuple[str, ...]]],
