@@ -1366,13 +1366,9 @@ def _quota_usage(policy: Policy) -> Usage:
 
 def _fields_problem(call: str, args: dict[str, Any]) -> str | None:
     """Strict arguments of ``spawn``, ``wait`` and ``register``."""
-    required, optional = abi.CALL_FIELDS[call]
-    unknown = sorted(set(args) - set(required) - set(optional))
-    if unknown:
-        return f"{call}: unknown argument(s) {', '.join(unknown)}"
-    missing = [k for k in required if k not in args]
-    if missing:
-        return f"{call}: missing argument(s) {', '.join(missing)}"
+    problem = abi.fields_problem(call, args)
+    if problem is not None:
+        return problem
     if call == "spawn":
         argv = args["argv"]
         if not isinstance(argv, list) or not argv or len(argv) > ARGV_MAX or not all(

@@ -48,6 +48,21 @@ CALL_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 REQUEST_FIELDS = ("v", "id", "call", "args")
 
+
+def fields_problem(call: str, args: dict[str, Any]) -> str | None:
+    """The one strict check of a request's argument names against :data:`CALL_FIELDS`: what is
+    wrong (unknown names first, then missing ones), or None. Types and values are each
+    call's own check."""
+    required, optional = CALL_FIELDS[call]
+    unknown = sorted(k for k in args if k not in required and k not in optional)
+    if unknown:
+        return (f"{call}: unknown field(s) {', '.join(map(repr, unknown))} ({call} accepts: "
+                f"{', '.join(required + optional) or 'no arguments'})")
+    missing = [k for k in required if k not in args]
+    if missing:
+        return f"{call}: missing field(s) {', '.join(map(repr, missing))}"
+    return None
+
 # Decisions recorded for a request.
 ALLOWED = "allowed"
 DENIED = "denied"

@@ -62,10 +62,9 @@ def resolve_program(prog: str, path_env: str) -> str | None:
 
 
 def prepare(ctx: RunContext, args: dict[str, Any]) -> tuple[ExecRequest, bytes] | Decision:
-    required, optional = abi.CALL_FIELDS["exec"]
-    unknown = sorted(set(args) - set(required) - set(optional))
-    if unknown:
-        return deny("request.invalid", f"exec: unknown field(s) {', '.join(unknown)}", 22)
+    problem = abi.fields_problem("exec", args)
+    if problem is not None:
+        return deny("request.invalid", problem, 22)
     argv = args.get("argv")
     if (not isinstance(argv, list) or not argv or len(argv) > MAX_ARGS
             or not all(isinstance(a, str) for a in argv)):

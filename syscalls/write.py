@@ -63,7 +63,7 @@ from kernel.paths import (
     read_regular,
 )
 from kernel.policy import Policy
-from syscalls.abi import CALL_FIELDS, WRITE_OPS
+from syscalls.abi import WRITE_OPS, fields_problem
 
 CONTENT_OPS = ("write", "create", "append")
 MODE_OPS = ("write", "create", "append", "mkdir", "chmod")
@@ -100,14 +100,9 @@ def _invalid(reason: str) -> Decision:
 def _validate(args: Any) -> dict[str, Any] | Decision:
     if not isinstance(args, dict):
         return _invalid(f"write args must be an object, not {type(args).__name__}")
-    required, optional = CALL_FIELDS["write"]
-    for k in args:
-        if k not in required and k not in optional:
-            return _invalid(f"unknown field {k!r} (write accepts: "
-                            f"{', '.join(required + optional)})")
-    for k in required:
-        if k not in args:
-            return _invalid(f"missing field {k!r}")
+    problem = fields_problem("write", args)
+    if problem is not None:
+        return _invalid(problem)
     op = args["op"]
     if not isinstance(op, str):
         return _invalid(f"field 'op' must be a string, not {type(op).__name__}")

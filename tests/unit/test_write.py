@@ -81,9 +81,10 @@ def no_temp_files(root: Path) -> None:
     ("args", "needle"),
     [
         ([], "must be an object"),
-        ({"path": "a"}, "missing field 'op'"),
-        ({"op": "write"}, "missing field 'path'"),
-        ({"op": "write", "path": "a", "content_b64": "", "extra": 1}, "unknown field 'extra'"),
+        ({"path": "a"}, "write: missing field(s) 'op'"),
+        ({"op": "write"}, "write: missing field(s) 'path'"),
+        ({"op": "write", "path": "a", "content_b64": "", "extra": 1},
+         "write: unknown field(s) 'extra' (write accepts: op, path, content_b64"),
         ({"op": 1, "path": "a"}, "'op' must be a string"),
         ({"op": "truncate", "path": "a"}, "not one of"),
         ({"op": "delete", "path": 3}, "'path' must be a string"),
