@@ -338,7 +338,7 @@ def _cmd_exec(a: argparse.Namespace) -> int:
         outcome = supervisor.run(supervisor.ExecOptions(
             argv=cmd, policy=pol, workspace=workspace, runs_dir=Path(a.runs_dir), env=env,
             isolation=a.isolation, relay_stdout=out, relay_stderr=sys.stderr.buffer,
-            **approve,
+            **approve, ignore_late_signals=True,
             after_agent=(lambda ctx, status, code: gates.run_gate(ctx, task, status))
             if task is not None else None))
     finally:  # the prompt's terminal: nothing of it may wait in a buffer (see _exit_now)

@@ -122,6 +122,11 @@ class ExecOptions:
     """Called once the root agent has ended and the final manifest is written, before
     ``run.end`` (``kernel exec --task`` runs the verification commands and the gate here); what
     it returns goes into the ``run.end`` summary as ``gate`` and into :attr:`RunOutcome.gate`."""
+    ignore_late_signals: bool = False
+    """Leave SIGTERM, SIGINT and SIGHUP ignored when the run is over instead of restoring the
+    caller's handlers (the ``kernel`` program, which exits right after): a signal that comes
+    after the root's folder is sealed -- ``kernel kill --all`` signals a tree's kernel once per
+    live run -- cannot then turn the sealed run's exit status into death by that signal."""
 
 
 @dataclass
@@ -611,9 +616,10 @@ class Supervisor:
                             a.sandbox.kill()
                             a.sandbox.wait(5.0)
         finally:
-            signal.signal(signal.SIGTERM, old_handlers[0])
-            signal.signal(signal.SIGINT, old_handlers[1])
-            signal.signal(signal.SIGHUP, old_handlers[2])
+            late = (signal.SIG_IGN,) * 3 if self.opts.ignore_late_signals else old_handlers
+            signal.signal(signal.SIGTERM, late[0])
+            signal.signal(signal.SIGINT, late[1])
+            signal.signal(signal.SIGHUP, late[2])
             for a in self.agents.values():
                 self._close_io(a)
                 if a.sandbox is not None and not a.cleaned:

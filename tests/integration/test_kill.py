@@ -143,3 +143,31 @@ def test_a_mark_left_by_a_dead_kernel_is_not_live_and_its_pid_is_never_signalled
     assert k.returncode == 8, k.stderr
     usage = kernel_cmd(["kill", "--runs-dir", str(runs)], home=tmp_path / "home")
     assert usage.returncode == 2
+
+
+def test_a_storm_of_signals_ends_the_run_killed_not_by_the_signal(tmp_path: Path) -> None:
+    """`kernel kill --all` signals a tree's kernel once per live run, and an operator may press
+    Ctrl-C twice: signals that keep coming while the run is sealed and after it must not turn the
+    kernel's exit into death by that signal. SIGTERM every millisecond until it exits."""
+    import signal
+
+    skip_unless_available("native")
+    runs, home = tmp_path / "runs", tmp_path / "home"
+    proc, marker = _start(tmp_path, "storm", "native", runs, home)
+    sent = 0
+    while proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=30)
+    assert sent > 1
+    assert proc.returncode == 10, (proc.returncode, err[-500:])  # ExitCode.KILLED
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "killed"
+    assert _host_pids_with(marker) == []
+    (run_dir,) = runs.iterdir()
+    v = kernel_cmd(["verify", str(run_dir), "--trust", str(home / "keys" / "kernel.pub")],
+                   home=home)
+    assert v.returncode == 0, v.stdout + v.stderr
