@@ -23,7 +23,6 @@ Returns the first problem as text, naming the seq, or None.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 from collections.abc import Callable
 from typing import Any
@@ -32,14 +31,10 @@ from kernel.approvals import APPROVE, DENY, Operator, Tally, check_envelope, eli
 from kernel.decide import APPROVED, DENIED, EXPIRED, PENDING, approval_need
 from kernel.errors import KernelError
 from kernel.policy import Policy, load_bytes
+from kernel.recorder import parse_timestamp_ns
 
 _EVENTS = ("approval.requested", "approval.received", "approval.rejected", "approval.closed",
            "approval.expired", "approval.cancelled", "approval.late")
-
-
-def _ts_ns(ts: str) -> int:
-    t = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
-    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
 def _expected_need(policy: Policy, rule: str) -> Any:
@@ -172,7 +167,7 @@ def _check(run_id: str, policy_bytes: bytes, events: list[dict[str, Any]],
                     return f"{where}: the same envelope is counted twice"
                 envelopes.add(ref)
                 env = json.loads(blob(ref))
-                if b["now_ns"] > _ts_ns(ev["ts"]):
+                if b["now_ns"] > parse_timestamp_ns(ev["ts"]):
                     return f"{where}: recorded time lies after the record's own timestamp"
                 c = check_envelope(env, o.binding, o.eligible, o.operator,
                                    o.operator_may_approve, b["now_ns"])
@@ -188,7 +183,8 @@ def _check(run_id: str, policy_bytes: bytes, events: list[dict[str, Any]],
                     return f"{where}: a closing can only deny"
                 o.closed = DENIED
             elif t == "approval.expired":
-                if b["now_ns"] <= o.binding["expires_ns"] or b["now_ns"] > _ts_ns(ev["ts"]):
+                if (b["now_ns"] <= o.binding["expires_ns"]
+                        or b["now_ns"] > parse_timestamp_ns(ev["ts"])):
                     return f"{where}: expiry recorded before the request's expiry time"
                 o.expired = True
             elif t == "approval.cancelled":

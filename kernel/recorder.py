@@ -96,7 +96,8 @@ def utc_timestamp(ns: int | None = None) -> str:
     return f"{cached[1]}{(ns // 1000) % 1_000_000:06d}Z"
 
 
-def _parse_ts_ns(ts: str) -> int:
+def parse_timestamp_ns(ts: str) -> int:
+    """The nanoseconds since the epoch of a :func:`utc_timestamp` (microsecond precision)."""
     t = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
     return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
@@ -452,7 +453,7 @@ class RunRecorder:
             rec._head = hashlib.sha256(lines[-1]).hexdigest()
             last = json.loads(lines[-1])
             rec._last_type = last["type"]
-            rec._last_ns = _parse_ts_ns(last["ts"])
+            rec._last_ns = parse_timestamp_ns(last["ts"])
         for line in lines:
             rec._referenced.update(d for _, d in iter_blob_refs(json.loads(line)["body"]))
         objects = run_dir / OBJECTS_DIR

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as _dt
 import json
 import os
 import re
@@ -60,7 +59,7 @@ from kernel.decide import WriteRequest
 from kernel.errors import BadInputError, RunIntegrityError
 from kernel.keys import KernelKey
 from kernel.paths import PathViolation, read_regular
-from kernel.recorder import LOG_FILE, MANIFESTS, RUN_JSON, RunRecorder
+from kernel.recorder import LOG_FILE, MANIFESTS, RUN_JSON, RunRecorder, parse_timestamp_ns
 from kernel.verify import CORRUPT, INTACT, verify_run
 
 STRAY_RE = re.compile(r"\.kernel-tmp-[0-9a-f]{16}")
@@ -267,8 +266,7 @@ def _redo(ws: Path, writes: list[dict[str, Any]], last_ts: str) -> list[dict[str
     done: list[dict[str, Any]] = []
     if not writes:
         return done
-    t = _dt.datetime.strptime(last_ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
-    limit = (int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000) + REDO_SLACK_NS
+    limit = parse_timestamp_ns(last_ts) + REDO_SLACK_NS
     wsh = Workspace.open(ws, view_root=str(ws))
     try:
         # Looked at before anything is written: a path something else changed after the run

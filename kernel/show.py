@@ -286,11 +286,11 @@ def _event_summary(t: str, b: dict[str, Any]) -> str:
 
 
 def _rel(ts: str, t0: str | None) -> str:
-    from kernel.recorder import _parse_ts_ns
+    from kernel.recorder import parse_timestamp_ns
 
     if t0 is None:
         return ts
-    ms = (_parse_ts_ns(ts) - _parse_ts_ns(t0)) // 1_000_000
+    ms = (parse_timestamp_ns(ts) - parse_timestamp_ns(t0)) // 1_000_000
     return f"+{ms / 1000:8.3f}s"
 
 
