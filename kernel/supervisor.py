@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import os
@@ -75,6 +74,7 @@ from sandbox.mounts import SYSTEM_DIRS
 from syscalls import abi
 from syscalls import exec as exec_sys
 from syscalls import info as info_sys
+from syscalls import write as write_sys
 
 KERNEL_VERSION = "0.1.0"
 OUTPUT_CAP = 1 << 20
@@ -584,11 +584,7 @@ class Supervisor:
             return
         assert self._ws is not None and self.root is not None
         try:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._ws.fd)
-            try:
-                _syncfs(fd)
-            finally:
-                os.close(fd)
+            write_sys.sync_filesystem(self._ws)
         except OSError as e:
             raise RecorderError(f"syncing the workspace's file system failed: {e}") from e
         failpoints.hit("ws.checkpoint.synced")
@@ -1465,17 +1461,6 @@ def _recordable_args(ctx: RunContext, call: object, args: dict[str, Any],
         blobs["args_blob"] = ctx.recorder.put_blob(canonical_json(out))
         out = {"inline": False}
     return out, blobs, kept
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(fd: int) -> None:
-    """``syncfs(2)``: everything written to the file system holding ``fd`` reaches the disk
-    (errors are reported since Linux 5.8)."""
-    if _libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _jsonable(v: Any) -> Any:

@@ -89,6 +89,18 @@ def renameat2(olddir: int, old: str, newdir: int, new: str, flags: int = 0) -> N
         raise OSError(code, os.strerror(code))
 
 
+def sync_filesystem(ws: Workspace) -> None:
+    """``syncfs(2)`` of the workspace's file system: every change made to it so far, log-durable
+    writes included, reaches the disk (errors are reported since Linux 5.8)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ws.fd)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
+
+
 def _invalid(reason: str) -> Decision:
     return deny("request.invalid", reason, errno.EINVAL)
 
@@ -565,4 +577,5 @@ def apply_logged(ws: Workspace, rel: str, content: bytes, mode: int | None) -> s
         return "applied"
 
 
-__all__ = ["apply_logged", "changed_after", "perform", "prepare", "prepare_captured"]
+__all__ = ["apply_logged", "changed_after", "perform", "prepare", "prepare_captured",
+           "sync_filesystem"]
