@@ -80,6 +80,19 @@ def kernel_cmd(args: list[str], *, home: Path, env: dict[str, str] | None = None
                           text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
 
 
+def start_exec(ws: Path, runs: Path, home: Path, out: Path,
+               env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``kernel exec`` of ``ws/agent.py`` (native), in the background; everything the agent
+    prints (relayed by the kernel) goes to the file ``out``. For tests that kill the kernel."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home), "LANG": "C.UTF-8",
+           **(env_extra or {})}
+    with open(out, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws),
+             "--runs-dir", str(runs), "--isolation", "native", "--", AGENT_PY, "agent.py"],
+            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+
+
 def make_workspace(tmp_path: Path, files: dict[str, str] | None = None) -> Path:
     ws = tmp_path / "ws"
     ws.mkdir()

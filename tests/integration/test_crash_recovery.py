@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from kernel.failpoints import POINTS
-from tests.kernel_helpers import ROOT, kernel_cmd, make_workspace, skip_unless_available
+from tests.kernel_helpers import kernel_cmd, make_workspace, skip_unless_available, start_exec
 
 N_WRITES = 60
 
@@ -56,16 +55,9 @@ def start_kernel(tmp_path: Path, env_extra: dict[str, str]) -> tuple[subprocess.
                                                                       Path, Path, Path]:
     ws = make_workspace(tmp_path, {"README.md": "crash test\n"})
     (ws / "agent.py").write_text(textwrap.dedent(AGENT.format(n=N_WRITES)))
-    home = tmp_path / "home"
     runs = tmp_path / "runs"
     out = tmp_path / "agent.out"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
-           "LANG": "C.UTF-8", **env_extra}
-    with open(out, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws),
-             "--runs-dir", str(runs), "--isolation", "native", "--", "/usr/bin/python3",
-             "agent.py"], stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    proc = start_exec(ws, runs, tmp_path / "home", out, env_extra)
     return proc, ws, runs, out
 
 
@@ -212,14 +204,8 @@ def test_kernel_killed_while_applying_changes_captured_from_exec(tmp_path: Path,
     ws = make_workspace(tmp_path, {"README.md": "x\n"})
     (ws / "agent.py").write_text(textwrap.dedent(EXEC_AGENT))
     home, runs = tmp_path / "home", tmp_path / "runs"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
-           "LANG": "C.UTF-8", "KERNEL_FAILPOINT": point}
-    out = tmp_path / "agent.out"
-    with open(out, "wb") as f:
-        rc = subprocess.run(
-            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
-             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
-            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=120).returncode
+    rc = start_exec(ws, runs, home, tmp_path / "agent.out",
+                    {"KERNEL_FAILPOINT": point}).wait(timeout=120)
     assert rc == -signal.SIGKILL
     (run_dir,) = runs.iterdir()
     run_id = run_dir.name
@@ -278,14 +264,8 @@ def test_kernel_killed_around_an_exec_applies_nothing_of_it(tmp_path: Path, poin
     ws = make_workspace(tmp_path, {"README.md": "x\n"})
     (ws / "agent.py").write_text(textwrap.dedent(EXEC_AGENT))
     home, runs = tmp_path / "home", tmp_path / "runs"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
-           "LANG": "C.UTF-8", "KERNEL_FAILPOINT": f"{point}:1"}
     out = tmp_path / "agent.out"
-    with open(out, "wb") as f:
-        rc = subprocess.run(
-            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
-             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
-            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=120).returncode
+    rc = start_exec(ws, runs, home, out, {"KERNEL_FAILPOINT": f"{point}:1"}).wait(timeout=120)
     assert rc == -signal.SIGKILL
     assert "EXEC" not in out.read_text()
     (run_dir,) = runs.iterdir()

@@ -15,8 +15,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -26,11 +24,11 @@ import pytest
 
 from tests.kernel_helpers import (
     CLIENT_PRELUDE,
-    ROOT,
     kernel_cmd,
     make_workspace,
     run_agent,
     skip_unless_available,
+    start_exec,
 )
 
 pytestmark = pytest.mark.sandbox
@@ -146,13 +144,8 @@ def crash_after_ten_writes(tmp_path: Path) -> tuple[Path, Path, Path, list[int]]
     (ws / "agent.py").write_text(textwrap.dedent(CRASH_AGENT))
     home, runs, out = tmp_path / "home", tmp_path / "runs", tmp_path / "agent.out"
     # answers: mkdir is the 1st, the tenth write the 11th
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home),
-           "LANG": "C.UTF-8", "KERNEL_FAILPOINT": "answer.before_send:11"}
-    with open(out, "wb") as f:
-        rc = subprocess.run(
-            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
-             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
-            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=120).returncode
+    rc = start_exec(ws, runs, home, out,
+                    {"KERNEL_FAILPOINT": "answer.before_send:11"}).wait(timeout=120)
     assert rc == -signal.SIGKILL
     acked = [int(line.split()[1]) for line in out.read_text().splitlines()
              if line.startswith("ACK ")]
@@ -353,20 +346,15 @@ def test_a_random_power_cut_loses_no_committed_write(tmp_path: Path, seed: int) 
     ws = make_workspace(tmp_path, {"README.md": "x\n"})
     (ws / "agent.py").write_text(textwrap.dedent(MIXED_AGENT))
     home, runs, out = tmp_path / "home", tmp_path / "runs", tmp_path / "agent.out"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "KERNEL_HOME": str(home), "LANG": "C.UTF-8"}
     target = rng.randrange(5, 70)
-    with open(out, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel._cli", "exec", "--workspace", str(ws), "--runs-dir",
-             str(runs), "--isolation", "native", "--", "/usr/bin/python3", "agent.py"],
-            stdout=f, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while out.read_text().count("ACK ") < target:
-            assert proc.poll() is None, "the run ended before the kill: nothing was tested"
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    proc = start_exec(ws, runs, home, out)
+    deadline = time.monotonic() + 60
+    while out.read_text().count("ACK ") < target:
+        assert proc.poll() is None, "the run ended before the kill: nothing was tested"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
     acked = [int(line.split()[1]) for line in out.read_text().splitlines()
              if line.startswith("ACK ")]
     (run_dir,) = runs.iterdir()
