@@ -264,8 +264,6 @@ def _redo(ws: Path, writes: list[dict[str, Any]], last_ts: str) -> list[dict[str
     from syscalls.write import apply_logged, changed_after
 
     done: list[dict[str, Any]] = []
-    if not writes:
-        return done
     limit = parse_timestamp_ns(last_ts) + REDO_SLACK_NS
     wsh = Workspace.open(ws, view_root=str(ws))
     try:
@@ -362,7 +360,7 @@ def _recover_one(run_dir: Path, key: KernelKey, ws: Path | None, *, known: set[s
                 removed.append(_remove_stray(rec, ws, rel))
                 report.stray_removed.append(rel)
         report.scratch_removed = _remove_scratch(rec.run_id)
-        if ws is not None:
+        if redo and ws is not None:  # (a log cut before its first event has nothing to redo)
             report.redone = _redo(ws, redo, before[-1]["ts"])
         for child in below:  # deepest first; each is sealed before its parent
             report.descendants.append(_recover_one(child, key, ws, known=known, strays=False,

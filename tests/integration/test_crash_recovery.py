@@ -128,7 +128,7 @@ def _native() -> None:
 
 
 @pytest.mark.parametrize(("point", "count"), [
-    ("log.before_write", 9), ("log.before_write", 17),
+    ("log.before_write", 1), ("log.before_write", 9), ("log.before_write", 17),
     ("log.after_write", 10), ("log.after_write", 20),
     ("log.after_sync", 11), ("log.after_sync", 22),
     ("ws.tmp_written", 4), ("ws.renamed", 7),
