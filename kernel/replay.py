@@ -18,7 +18,8 @@ Replay trusts nothing but the run folder and the auditor's kernel public key:
      frame or argument, a path the normalizer rejects): it must be a denial; a syscall-quota
      denial is re-derived from the number of requests before it;
    - ``syscall.result`` of an allowed write (asked for, or captured from an ``exec``): the
-     recorded content blob is applied to the rebuilt tree through the kernel's own ``perform``
+     recorded content (its blob, or the request line's own ``content_b64`` for a write-ahead
+     write) is applied to the rebuilt tree through the kernel's own ``perform``
      (by fd, beneath the root), and the outcome (success and result, or the errno) must equal
      the recorded one; an ``exec`` is never re-run (its output is evidence, kept as blobs);
 
