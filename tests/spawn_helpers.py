@@ -199,19 +199,13 @@ def tree_verdict(home: Path, root: Path) -> dict[str, dict[str, Any]]:
     """``kernel verify --json`` of the root folder (which verifies its children with it,
     recursively): each folder's report by run id, the command's exit code under ``"exit"`` of
     the root's report."""
-    v = verify(home, root)
-    try:
-        rep: dict[str, Any] = json.loads(v.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(f"kernel verify printed no JSON (exit {v.returncode}): "
-                             f"{v.stdout}{v.stderr}") from None
+    rep = verdict(home, root)  # the root's report, with "exit"
     out: dict[str, dict[str, Any]] = {}
     todo = [rep]
     while todo:
         r = todo.pop()
         out[r["run_id"]] = r
         todo.extend(r.get("children") or [])
-    out[rep["run_id"]]["exit"] = v.returncode
     return out
 
 
